@@ -1,0 +1,1 @@
+"""tune-cifar: a distributed hyperparameter study of CIFAR-10 CNNs."""
