@@ -64,6 +64,7 @@ class TrainConfig:
     epochs: int = 25
     swa_epochs: int = 0  # average the weights of the last N epochs (SWA); 0 = off
     seed: int = 0
+    probe_every: int = 0  # loss-landscape probe every N optimizer steps, with a ``steps`` table; 0 = off
 
     def __post_init__(self) -> None:
         if self.filters is None:
@@ -229,5 +230,6 @@ def _validate(config: TrainConfig) -> None:
     _check_range("warmup_epochs", config.warmup_epochs, 0, config.epochs - 1)
     _check_range("swa_epochs", config.swa_epochs, 0, config.epochs)
     _check_range("seed", config.seed, 0)
+    _check_range("probe_every", config.probe_every, 0)
     if config.optimizer == "sgd" and config.nesterov and config.momentum == 0.0:
         raise UsageError("nesterov needs momentum > 0")

@@ -1,0 +1,188 @@
+"""The Parquet tables every run and study leaves behind, and their atomic writer.
+
+A results folder holds one directory per table (``trials``, ``epochs``, ``layers``, ``steps``),
+each a Parquet dataset with one part file per trial, so ``pandas.read_parquet(folder / NAME)``
+reads the whole table. A trial's part file is rewritten whole (temp file + rename) each time
+the trial reports, which gives the two guarantees the study needs:
+
+* a reader never sees a half-written file (pyarrow skips names starting with ``.``);
+* a retried or resumed trial replaces its rows by ``(trial_id, epoch)`` instead of appending
+  duplicates.
+
+The schemas are explicit so that a column that is null in one trial (an inactive
+hyperparameter) and set in another still reads back as one type.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tune_cifar import config as cfg
+from tune_cifar.errors import UsageError
+
+_ARROW_TYPES = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
+
+
+def _config_fields() -> list[pa.Field]:
+    fields = []
+    for key in cfg.KEYS:
+        kind = cfg.TrainConfig.__dataclass_fields__[key].type
+        fields.append(pa.field(key, pa.string() if key == "filters" else _ARROW_TYPES[kind]))
+    return fields
+
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "trials": pa.schema(
+        [
+            ("trial_id", pa.string()),
+            ("study", pa.string()),
+            *_config_fields(),
+            ("status", pa.string()),  # RUNNING, TERMINATED (ran all epochs), STOPPED (by ASHA), ERROR
+            ("stop_reason", pa.string()),  # completed, asha, error: ..., interrupted
+            ("epochs_run", pa.int64()),
+            ("best_val_acc", pa.float64()),
+            ("best_epoch", pa.int64()),
+            ("final_val_acc", pa.float64()),  # after the last epoch (of the SWA model when swa_epochs > 0)
+            ("test_acc", pa.float64()),  # only a single run / the retrain evaluates test; null in a study
+            ("test_loss", pa.float64()),
+            ("macs", pa.int64()),
+            ("params", pa.int64()),
+            ("grad_health", pa.string()),  # ok, vanishing or exploding: worst over all epochs and layers
+            ("data", pa.string()),
+            ("train_images", pa.int64()),
+            ("node", pa.string()),
+            ("device", pa.string()),
+            ("wall_s", pa.float64()),
+        ]
+    ),
+    "epochs": pa.schema(
+        [
+            ("trial_id", pa.string()),
+            ("epoch", pa.int64()),  # 1-based
+            ("train_loss", pa.float64()),
+            ("train_acc", pa.float64()),
+            ("val_loss", pa.float64()),
+            ("val_acc", pa.float64()),
+            ("lr", pa.float64()),  # at the end of the epoch
+            ("seconds", pa.float64()),  # training + validation wall time
+            ("images_per_s", pa.float64()),  # training images per second of training time
+        ]
+    ),
+    "layers": pa.schema(
+        [
+            ("trial_id", pa.string()),
+            ("epoch", pa.int64()),
+            ("layer", pa.string()),  # parameter name, e.g. features.conv1.weight
+            ("numel", pa.int64()),
+            ("grad_mean_abs", pa.float64()),  # mean |g| over elements, averaged over the epoch's steps
+            ("grad_max_abs", pa.float64()),
+            ("grad_l2", pa.float64()),
+            ("weight_l2", pa.float64()),  # ||W_e||
+            ("update_l2", pa.float64()),  # ||W_e - W_{e-1}||
+            ("update_ratio", pa.float64()),  # update_l2 / weight_l2
+            ("health", pa.string()),  # ok, vanishing, exploding
+        ]
+    ),
+    "steps": pa.schema(
+        [
+            ("trial_id", pa.string()),
+            ("step", pa.int64()),  # global optimizer step, 1-based
+            ("epoch", pa.int64()),
+            ("train_loss", pa.float64()),
+            ("lr", pa.float64()),
+            # landscape probe (null on steps without one): along the current gradient direction
+            ("probe_loss_min", pa.float64()),
+            ("probe_loss_max", pa.float64()),
+            ("probe_grad_change", pa.float64()),  # max ||g(x - s g) - g(x)|| over step sizes s
+            ("probe_beta", pa.float64()),  # max ||g(x - s g) - g(x)|| / ||s g||
+        ]
+    ),
+}
+TABLES = tuple(SCHEMAS)
+PER_EPOCH_KEYS = {"epochs": ("epoch",), "layers": ("epoch", "layer"), "steps": ("step",)}
+
+
+def to_arrow(name: str, rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows (dicts) to a table of the named schema; missing columns are null, extra keys an error."""
+    schema = SCHEMAS[name]
+    extra = set().union(*rows) - set(schema.names) if rows else set()
+    if extra:
+        raise ValueError(f"{name}: columns not in the schema: {sorted(extra)}")
+    columns = {column: [row.get(column) for row in rows] for column in schema.names}
+    return pa.table(columns, schema=schema)
+
+
+def write_atomic(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to ``path`` so that readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def part_path(root: Path, name: str, trial_id: str) -> Path:
+    return Path(root) / name / f"part-{trial_id}.parquet"
+
+
+@dataclass
+class TrialRecord:
+    """Everything one trial has reported, deduplicated by epoch, ready to rewrite its part files."""
+
+    trial_id: str
+    trial: dict[str, Any] = field(default_factory=dict)
+    rows: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = field(
+        default_factory=lambda: {name: {} for name in PER_EPOCH_KEYS}
+    )
+
+    def add(self, name: str, new_rows: list[dict[str, Any]]) -> None:
+        """Add rows of a per-epoch table; a row with the same key (a retried epoch) replaces the old one."""
+        for row in new_rows:
+            row = {**row, "trial_id": self.trial_id}
+            self.rows[name][tuple(row[key] for key in PER_EPOCH_KEYS[name])] = row
+
+    def drop_after(self, epoch: int) -> None:
+        """Forget rows of epochs after ``epoch``: a trial restored from an older checkpoint redoes them."""
+        for rows in self.rows.values():
+            for key in [key for key, row in rows.items() if row["epoch"] > epoch]:
+                del rows[key]
+
+    def write(self, root: Path) -> None:
+        write_atomic(to_arrow("trials", [{**self.trial, "trial_id": self.trial_id}]), part_path(root, "trials", self.trial_id))
+        for name, rows in self.rows.items():
+            if rows or name != "steps":
+                ordered = [rows[key] for key in sorted(rows)]
+                write_atomic(to_arrow(name, ordered), part_path(root, name, self.trial_id))
+
+    @classmethod
+    def load(cls, root: Path, trial_id: str) -> TrialRecord:
+        """Read back what an earlier driver wrote for this trial (for ``--resume``); empty if nothing."""
+        record = cls(trial_id)
+        trials_part = part_path(root, "trials", trial_id)
+        if trials_part.exists():
+            record.trial = pq.read_table(trials_part).to_pylist()[0]
+        for name in PER_EPOCH_KEYS:
+            part = part_path(root, name, trial_id)
+            if part.exists():
+                record.add(name, pq.read_table(part).to_pylist())
+        return record
+
+
+def read_table(folder: str | Path, name: str) -> pd.DataFrame:
+    """Read one table of a results folder, with a one-line error when it is not there."""
+    path = Path(folder) / name
+    if name not in SCHEMAS:
+        raise UsageError(f"unknown table {name!r} (tables: {', '.join(TABLES)})")
+    if not path.is_dir() or not any(path.glob("part-*.parquet")):
+        raise UsageError(f"{folder}: no {name} table (expected {path}/part-*.parquet); is this a tune-cifar results folder?")
+    return pd.read_parquet(path, schema=SCHEMAS[name])
