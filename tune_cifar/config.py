@@ -211,7 +211,9 @@ def _validate(config: TrainConfig) -> None:
     _check_choice("loss", config.loss, LOSSES)
     expected_filters = len(DEFAULT_FILTERS[config.model])
     if len(config.filters) != expected_filters:
-        raise UsageError(f"filters: {config.model} takes {expected_filters} widths, got {format_filters(config.filters)!r}")
+        raise UsageError(
+            f"filters: {config.model} takes {expected_filters} widths, got {format_filters(config.filters)!r}"
+        )
     if any(width < 1 for width in config.filters):
         raise UsageError(f"filters must be positive, got {format_filters(config.filters)!r}")
     _check_range("lr", config.lr, 0.0, 10.0, low_open=True)

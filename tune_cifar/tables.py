@@ -158,7 +158,9 @@ class TrialRecord:
                 del rows[key]
 
     def write(self, root: Path) -> None:
-        write_atomic(to_arrow("trials", [{**self.trial, "trial_id": self.trial_id}]), part_path(root, "trials", self.trial_id))
+        write_atomic(
+            to_arrow("trials", [{**self.trial, "trial_id": self.trial_id}]), part_path(root, "trials", self.trial_id)
+        )
         for name, rows in self.rows.items():
             if rows or name != "steps":
                 ordered = [rows[key] for key in sorted(rows)]
@@ -184,5 +186,7 @@ def read_table(folder: str | Path, name: str) -> pd.DataFrame:
     if name not in SCHEMAS:
         raise UsageError(f"unknown table {name!r} (tables: {', '.join(TABLES)})")
     if not path.is_dir() or not any(path.glob("part-*.parquet")):
-        raise UsageError(f"{folder}: no {name} table (expected {path}/part-*.parquet); is this a tune-cifar results folder?")
+        raise UsageError(
+            f"{folder}: no {name} table (expected {path}/part-*.parquet); is this a tune-cifar results folder?"
+        )
     return pd.read_parquet(path, schema=SCHEMAS[name])

@@ -1,0 +1,116 @@
+"""Training throughput: is the full step close to the limit, and what does telemetry cost?
+
+For each model, at one batch size, in one process:
+
+* ``full``: ``Trainer.train_epoch``'s training images/s — device loader, on-device augmentation,
+  forward, backward, optimizer, telemetry (validation excluded, as the epochs table does);
+* ``no telemetry``: the same epoch with the per-step gradient statistics switched off;
+* ``bare``: forward + backward + optimizer step on one fixed batch already on the device — the
+  limit any input pipeline can reach;
+* ``per-sample``: the source reports' pipeline — a per-image Dataset with crop/flip in Python,
+  a ``torch.utils.data.DataLoader`` with workers, then the same step.
+
+Each figure is the median of ``--repeats`` timed epochs after a warm-up. Targets on a 2-core CPU:
+full >= 0.90 x bare, telemetry overhead <= 3%.
+
+    python benchmarks/train_throughput.py [--models small_cnn conditioned_cnn] [--images 2560]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from tune_cifar.config import TrainConfig
+from tune_cifar.data import CifarBatchDataset, load_splits
+from tune_cifar.engine import Trainer
+
+
+def median_rate(run: Callable[[], float], repeats: int) -> float:
+    run()  # warm-up: allocator, thread pools, cudnn autotune
+    return statistics.median(run() for _ in range(repeats))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_rate(trainer: Trainer, steps: int) -> float:
+    images, labels = next(iter(trainer.train_loader))
+    device = trainer.device
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        with trainer.autocast:
+            loss = trainer.loss_fn(trainer.forward(images), labels)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        trainer.optimizer.step()
+    synchronize(device)
+    return steps * labels.size(0) / (time.perf_counter() - started)
+
+
+def per_sample_rate(trainer: Trainer, loader: DataLoader) -> float:
+    device = trainer.device
+    count = 0
+    synchronize(device)
+    started = time.perf_counter()
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with trainer.autocast:
+            loss = trainer.loss_fn(trainer.forward(images), labels)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        trainer.optimizer.step()
+        count += labels.size(0)
+    synchronize(device)
+    return count / (time.perf_counter() - started)
+
+
+def measure(model: str, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    splits = load_splits("synthetic", subset=args.images, seed=0)
+    config = TrainConfig(model=model, batch_size=args.batch_size, epochs=1000)
+    trainer = Trainer(config, splits, device=device)
+    steps = len(trainer.train_loader)
+    rates = {"full": median_rate(lambda: trainer.train_epoch().epoch["images_per_s"], args.repeats)}
+    record_step = trainer.telemetry.record_step
+    trainer.telemetry.record_step = lambda: None  # ablation: no per-step gradient statistics
+    rates["no_telemetry"] = median_rate(lambda: trainer.train_epoch().epoch["images_per_s"], args.repeats)
+    trainer.telemetry.record_step = record_step
+    rates["bare"] = median_rate(lambda: bare_rate(trainer, steps), args.repeats)
+    dataset = CifarBatchDataset(splits.train_x, splits.train_y, augment=True)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True)
+    rates["per_sample"] = median_rate(lambda: per_sample_rate(trainer, loader), args.repeats)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["small_cnn", "conditioned_cnn"])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--images", type=int, default=2560, help="training images per timed epoch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the per-sample pipeline")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}")
+    print(f"{'model':<16}{'full':>10}{'bare':>10}{'no telem':>10}{'per-sample':>12}{'full/bare':>11}{'telemetry':>11}")
+    for model in args.models:
+        rates = measure(model, args, device)
+        overhead = rates["no_telemetry"] / rates["full"] - 1
+        print(
+            f"{model:<16}{rates['full']:>10.0f}{rates['bare']:>10.0f}{rates['no_telemetry']:>10.0f}"
+            f"{rates['per_sample']:>12.0f}{rates['full'] / rates['bare']:>11.3f}{overhead:>+11.1%}"
+        )
+    print("images/s; full/bare target >= 0.90, telemetry overhead target <= +3%")
+
+
+if __name__ == "__main__":
+    main()
