@@ -62,8 +62,15 @@ def test_resume_from_state_dict_continues_identically(splits):
 
 def test_probe_records_steps_and_leaves_training_untouched(splits):
     config = TrainConfig(model="vgg_a", batchnorm=True, batch_size=128, epochs=1, probe_every=3)
-    small = Splits(splits.train_x[:384], splits.train_y[:384], splits.val_x[:50], splits.val_y[:50],
-                   splits.test_x, splits.test_y, "synthetic")
+    small = Splits(
+        splits.train_x[:384],
+        splits.train_y[:384],
+        splits.val_x[:50],
+        splits.val_y[:50],
+        splits.test_x,
+        splits.test_y,
+        "synthetic",
+    )
     probed = Trainer(config, small)
     report = probed.train_epoch()
     plain = Trainer(config.replace(probe_every=0), small)

@@ -1,0 +1,139 @@
+"""``python -m tune_cifar.train`` end to end, as a user runs it, and its refusals of bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from tune_cifar import cli
+from tune_cifar import config as cfg
+from tune_cifar.models import build_model
+from tune_cifar.tables import SCHEMAS
+from tune_cifar.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tune_cifar.train", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_single_run_writes_the_study_tables_and_weights(tmp_path):
+    config = write_config(tmp_path / "c.yaml", "model: conditioned_cnn\nfilters: [8, 16, 32]\nbatch_size: 64\n")
+    out = tmp_path / "run"
+    result = train("--config", str(config), "--epochs", "2", "--subset", "400", "--out", str(out), "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    assert "epoch   2/2" in result.stdout and "test acc" in result.stdout
+
+    trials = pd.read_parquet(out / "trials")
+    epochs = pd.read_parquet(out / "epochs")
+    layers = pd.read_parquet(out / "layers")
+    assert list(trials.columns) == SCHEMAS["trials"].names and len(trials) == 1
+    row = trials.iloc[0]
+    assert row["status"] == "TERMINATED" and row["epochs_run"] == 2 and row["filters"] == "8,16,32"
+    assert pd.isna(row["momentum"])  # adam: momentum is inactive, so null
+    assert row["best_val_acc"] == epochs["val_acc"].max()
+    assert 0 <= row["test_acc"] <= 1 and row["train_images"] == 360
+    assert list(epochs["epoch"]) == [1, 2]
+    assert len(layers) == 2 * len(set(layers["layer"])) and layers["grad_l2"].gt(0).any()
+
+    model = build_model(cfg.from_dict({"model": "conditioned_cnn", "filters": [8, 16, 32]}))
+    model.load_state_dict(torch.load(out / "model.pt"))  # the saved weights fit the config
+
+
+def test_reads_official_batches_from_data_dir(tmp_path, cifar_dir):
+    out = tmp_path / "run"
+    result = train(
+        "--data", "cifar10", "--data-dir", str(cifar_dir.parent), "--val-size", "10", "--epochs", "1", "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert pd.read_parquet(out / "trials").iloc[0]["train_images"] == 90
+
+
+@pytest.mark.parametrize(
+    ("config_text", "args", "message"),
+    [
+        ("model: resnet\n", (), "unknown model 'resnet'"),
+        ("loss: hinge\n", (), "unknown loss 'hinge'"),
+        ("optimizer: lbfgs\n", (), "unknown optimizer 'lbfgs'"),
+        ("scheduler: cyclic\n", (), "unknown scheduler 'cyclic'"),
+        ("activation: gelu\n", (), "unknown activation 'gelu'"),
+        ("lr: -0.1\n", (), "lr must be in"),
+        ("dropout: 1.5\n", (), "dropout must be in"),
+        ("lr: fast\n", (), "lr must be a number"),
+        ("colour: blue\n", (), "unknown key 'colour'"),
+        ("", ("--epochs", "0"), "epochs must be in"),
+        ("", ("--subset", "5"), "subset must be between"),
+        ("", ("--device", "cuda:0"), "no CUDA GPU"),
+        ("", ("--batch-size", "3"), "unrecognized arguments"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, config_text, args, message):
+    """In-process through the same ``cli.run`` wrapper as ``__main__`` (one subprocess case below)."""
+    if args == ("--device", "cuda:0") and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    config = write_config(tmp_path / "c.yaml", config_text)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(main, ["--config", str(config), "--out", str(out), *args])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not out.exists()
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
+    config = write_config(tmp_path / "c.yaml", "model: resnet\n")
+    result = train("--config", str(config), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: unknown model 'resnet' (choose from small_cnn, conditioned_cnn, vgg_a)"
+
+
+def test_missing_config_and_corrupt_batches_are_refused(tmp_path, cifar_dir, capsys):
+    with pytest.raises(SystemExit) as missing:
+        cli.run(main, ["--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "a")])
+    assert missing.value.code == 2 and "not found" in capsys.readouterr().err
+
+    (cifar_dir / "data_batch_3").write_bytes(b"\x80\x04 this is not a pickle")
+    with pytest.raises(SystemExit) as corrupt:
+        cli.run(main, ["--data", "cifar10", "--data-dir", str(cifar_dir.parent), "--out", str(tmp_path / "b")])
+    stderr = capsys.readouterr().err
+    assert corrupt.value.code == 2 and "data_batch_3" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
+
+
+def test_existing_results_are_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(main, ["--epochs", "1", "--subset", "100", "--out", str(out)])
+    assert exit_info.value.code == 2 and "not empty" in capsys.readouterr().err
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_seed_best_space_file_is_a_training_config():
+    from tune_cifar.spaces import load_config_file
+
+    config = load_config_file(REPO / "search_spaces" / "seed_best.yaml")
+    assert (config.activation, config.activation_slope, config.filters) == ("leaky_relu", 0.05, (128, 256, 512))
+    assert (config.optimizer, config.lr, config.weight_decay, config.grad_clip) == ("adam", 0.002, 1e-5, 5.0)
+    assert (config.loss, config.label_smoothing, config.scheduler, config.min_lr) == (
+        "label_smoothing",
+        0.15,
+        "cosine",
+        1e-6,
+    )
+    assert (config.dropout, config.batchnorm, config.epochs) == (0.4, True, 100)
