@@ -1,0 +1,147 @@
+"""Views of the search itself: learning curves, ASHA's stopping decisions, parallel coordinates.
+
+These answer "what did the search do?" rather than "what is best?": whether ASHA stopped the
+right trials, whether the top trials were still improving, and where in the space the good
+trials sit. ``best_config.py`` puts them in its report and the notebook shows them inline.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+from analysis._study import CATEGORICAL, Study, fmt, log_spans_decades, native
+
+STATUS_STYLE = {"TERMINATED": ("tab:green", "o", "ran all epochs"), "STOPPED": ("tab:orange", "X", "stopped by ASHA")}
+
+
+def rungs(study: Study) -> list[int]:
+    """The epochs at which ASHA stopped trials: its rungs, as far as the data shows them."""
+    stopped = study.trials[study.trials["status"] == "STOPPED"]["epochs_run"].dropna()
+    return sorted(int(epoch) for epoch in stopped.unique())
+
+
+def plot_learning_curves(study: Study, top: int = 5) -> Figure:
+    """Validation accuracy and loss per epoch of the ``top`` best trials: were they still improving?"""
+    finished = study.require_finished().head(top)
+    epochs = study.table("epochs")
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    acc_ax, loss_ax = fig.subplots(1, 2)
+    for rank, row in enumerate(finished.itertuples(), start=1):
+        curve = epochs[epochs["trial_id"] == row.trial_id].sort_values("epoch")
+        label = f"#{rank} {row.trial_id} ({100 * row.best_val_acc:.1f}%)"
+        (line,) = acc_ax.plot(curve["epoch"], 100 * curve["val_acc"], marker=".", label=label)
+        loss_ax.plot(curve["epoch"], curve["val_loss"], marker=".", color=line.get_color(), label=f"#{rank} val")
+        loss_ax.plot(curve["epoch"], curve["train_loss"], ls="--", lw=1, color=line.get_color(), label=f"#{rank} train")
+    acc_ax.set(
+        title=f"Validation accuracy of the top {len(finished)} trials", xlabel="epoch", ylabel="validation accuracy (%)"
+    )
+    loss_ax.set(
+        title="Loss (solid: validation cross-entropy, dashed: training objective)", xlabel="epoch", ylabel="loss"
+    )
+    if log_spans_decades(epochs[epochs["trial_id"].isin(finished["trial_id"])][["val_loss", "train_loss"]]):
+        loss_ax.set_yscale("log")
+    acc_ax.legend(fontsize="small")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    return fig
+
+
+def plot_asha(study: Study) -> Figure:
+    """Every trial's validation curve ending where it stopped, and how many trials stopped at each epoch."""
+    epochs = study.table("epochs")
+    trials = study.trials[study.trials["status"].isin(STATUS_STYLE)]
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    curves_ax, count_ax = fig.subplots(1, 2, width_ratios=(2, 1))
+    for rung in rungs(study):
+        curves_ax.axvline(rung, color="grey", ls=":", lw=1)
+    for row in trials.itertuples():
+        curve = epochs[epochs["trial_id"] == row.trial_id].sort_values("epoch")
+        color, marker, _ = STATUS_STYLE[row.status]
+        curves_ax.plot(curve["epoch"], 100 * curve["val_acc"], color=color, alpha=0.35, lw=1)
+        if not curve.empty:
+            last = curve.iloc[-1]
+            curves_ax.scatter(last["epoch"], 100 * last["val_acc"], color=color, marker=marker, s=40, zorder=3)
+    for status, (color, marker, label) in STATUS_STYLE.items():
+        curves_ax.scatter([], [], color=color, marker=marker, label=f"{label} ({(trials['status'] == status).sum()})")
+    curves_ax.plot([], [], color="grey", ls=":", label="rung (an epoch where ASHA stopped trials)")
+    curves_ax.set(
+        title="ASHA's stopping decisions: val accuracy until each trial stopped",
+        xlabel="epoch",
+        ylabel="validation accuracy (%)",
+    )
+    curves_ax.legend(fontsize="small", loc="lower right")
+    counts = trials.groupby(["epochs_run", "status"]).size().unstack(fill_value=0)
+    bottom = np.zeros(len(counts))
+    for status, (color, _, label) in STATUS_STYLE.items():
+        if status in counts:
+            count_ax.bar(counts.index, counts[status], bottom=bottom, color=color, label=label)
+            bottom += counts[status].to_numpy()
+    count_ax.set(title="Epochs each trial ran", xlabel="epochs run", ylabel="trials")
+    count_ax.legend(fontsize="small")
+    for ax in (curves_ax, count_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    count_ax.yaxis.get_major_locator().set_params(integer=True)
+    return fig
+
+
+def _axis_positions(values: pd.Series, key: str) -> tuple[np.ndarray, list[tuple[float, str]]]:
+    """Map one hyperparameter to [0, 1] (log scale when it spans decades); null (inactive) goes below, at -0.15."""
+    present = values.dropna()
+    positions = np.full(len(values), -0.15)
+    ticks: list[tuple[float, str]] = [(-0.15, "n/a")] if values.isna().any() else []
+    if key in CATEGORICAL or present.map(type).eq(str).all():
+        levels = sorted(present.astype(str).unique())
+        spots = {level: (i / (len(levels) - 1) if len(levels) > 1 else 0.5) for i, level in enumerate(levels)}
+        positions[values.notna().to_numpy()] = [spots[str(v)] for v in present]
+        return positions, ticks + [(spot, level) for level, spot in spots.items()]
+    numbers = present.astype(float)
+    low, high = numbers.min(), numbers.max()
+    log = low > 0 and high / low >= 10
+    scale = np.log10 if log else (lambda x: x)
+    span = (scale(high) - scale(low)) or 1.0
+    positions[values.notna().to_numpy()] = (scale(numbers.to_numpy()) - scale(low)) / span
+    counts = numbers.value_counts()
+    if len(counts) <= 6 and counts.min() >= 2:  # a grid (every value tried more than once): label the values
+        return positions, ticks + [((scale(v) - scale(low)) / span, fmt(native(v))) for v in sorted(counts.index)]
+    for spot in (0.0, 0.5, 1.0):
+        value = 10 ** (math.log10(low) + spot * span) if log else low + spot * span
+        ticks.append((spot, fmt(float(value))))
+    return positions, ticks
+
+
+def plot_parallel_coordinates(study: Study, params: list[str] | None = None, max_params: int = 8) -> Figure:
+    """One line per finished trial across its hyperparameters, coloured by best validation accuracy."""
+    finished = study.require_finished().iloc[::-1]  # best drawn last, on top
+    params = (params or study.varying())[:max_params]
+    norm = Normalize(100 * finished["best_val_acc"].min(), 100 * finished["best_val_acc"].max())
+    cmap = colormaps["viridis"]
+    columns = [_axis_positions(finished[key], key) for key in params]
+    acc = finished["best_val_acc"].to_numpy()
+    span = (acc.max() - acc.min()) or 1.0
+    columns.append(((acc - acc.min()) / span, [(0.0, f"{100 * acc.min():.1f}%"), (1.0, f"{100 * acc.max():.1f}%")]))
+    names = [*params, "best val acc"]
+    fig = Figure(figsize=(max(7.0, 1.3 * len(names) + 2), 4.8), layout="constrained")
+    ax = fig.subplots()
+    ys = np.column_stack([positions for positions, _ in columns])
+    for y, value in zip(ys, acc, strict=True):
+        ax.plot(range(len(names)), y, color=cmap(norm(100 * value)), alpha=0.8, lw=1.5)
+    for x, (_, ticks) in enumerate(columns):
+        ax.axvline(x, color="black", lw=0.8)
+        for y, label in ticks:
+            ax.text(x + 0.04, y, label, fontsize="x-small", va="center")
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_yticks([])
+    ax.set_ylim(-0.22, 1.07)
+    ax.set_xlim(-0.2, len(names) - 0.6)
+    ax.set_title(f"The search in parallel coordinates ({len(finished)} finished trials; n/a = inactive)")
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="best validation accuracy (%)")
+    return fig

@@ -1,0 +1,389 @@
+"""End-to-end studies on real Ray, Optuna, W&B (offline) and Parquet, kept small for 2 CPU cores.
+
+One smoke study (8 tiny trials, 3 epochs, ASHA deciding after epoch 1) is run once for the
+module, with one trial worker killed mid-epoch, and several tests read what it left. A
+second study is killed by pid and resumed. Every Ray cluster here is the driver's own,
+bound to 127.0.0.1, with a private temp dir and a fresh auth token, so no test attaches to
+a cluster left over by someone else and nothing is written to ``/tmp/ray`` or ``~/.ray``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from tune_cifar import config as cfg
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_TRIALS = 8
+SMOKE_EPOCHS = 3
+CRASH_EPOCH = 2
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def study_env(ray_tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WANDB_", "TUNE_"))}
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(32),  # never read or write ~/.ray/auth_token
+        RAY_TMPDIR=str(ray_tmp),  # sessions and ray_current_cluster under a private folder
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # node IP 127.0.0.1
+        RAY_USAGE_STATS_ENABLED="0",
+        WANDB_SILENT="true",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        **extra,
+    )
+    return env
+
+
+def search_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tune_cifar.search", *args]
+
+
+@pytest.fixture(scope="module")
+def ray_tmp() -> Iterator[Path]:
+    # Short: Ray's Unix socket paths under the session folder must stay below ~107 bytes.
+    folder = Path(tempfile.mkdtemp(prefix="tcr-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass
+class Study:
+    folder: Path
+    name: str
+    stdout: str
+    marker: Path
+
+    def table(self, name: str) -> pd.DataFrame:
+        return pd.read_parquet(self.folder / name)
+
+    def optuna(self) -> optuna.Study:
+        return optuna.load_study(study_name=self.name, storage=f"sqlite:///{self.folder / 'optuna.db'}")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory, ray_tmp: Path) -> Study:
+    root = tmp_path_factory.mktemp("studies")
+    marker = root / "crashed-once"
+    env = study_env(ray_tmp, TUNE_CIFAR_CRASH_ONCE=f"{marker}:{CRASH_EPOCH}:0.1")
+    cmd = search_cmd("--space", "smoke", "--name", "smoke", "--storage-path", str(root), "--wandb", "offline")
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return Study(root / "smoke", "smoke", done.stdout, marker)
+
+
+def test_smoke_study_completes(smoke: Study) -> None:
+    trials = smoke.table("trials")
+    assert len(trials) == SMOKE_TRIALS and trials["trial_id"].is_unique
+    assert set(trials["status"]) <= {"TERMINATED", "STOPPED"}
+    assert (trials["study"] == "smoke").all()
+    assert trials["macs"].gt(0).all() and trials["params"].gt(0).all() and trials["node"].notna().all()
+    assert (trials.loc[trials.status == "TERMINATED", "epochs_run"] == SMOKE_EPOCHS).all()
+    assert "analyse: python analysis/best_config.py" in smoke.stdout and str(smoke.folder) in smoke.stdout
+    assert json.loads((smoke.folder / "study.json").read_text())["num_samples"] == SMOKE_TRIALS
+
+
+def test_asha_stopped_trials_are_pruned_in_optuna(smoke: Study) -> None:
+    trials = smoke.table("trials").set_index("trial_id")
+    stopped = trials[trials.status == "STOPPED"]
+    assert len(stopped) >= 1, "ASHA stopped no trial"
+    assert (stopped["epochs_run"] < SMOKE_EPOCHS).all() and (stopped["stop_reason"] == "asha").all()
+
+    study = smoke.optuna()
+    by_ray_id = {t.user_attrs["ray_trial_id"]: t for t in study.get_trials()}
+    assert set(by_ray_id) == set(trials.index) and len(study.trials) == SMOKE_TRIALS
+    epochs = smoke.table("epochs")
+    for trial_id, row in trials.iterrows():
+        frozen = by_ray_id[trial_id]
+        expected = optuna.trial.TrialState.PRUNED if row.status == "STOPPED" else optuna.trial.TrialState.COMPLETE
+        assert frozen.state == expected, (trial_id, frozen.state)
+        # every epoch is an intermediate value, the stopping epoch included
+        mine = epochs[epochs.trial_id == trial_id].set_index("epoch")["val_acc"].to_dict()
+        assert frozen.intermediate_values == pytest.approx(mine)
+        assert sorted(frozen.intermediate_values) == list(range(1, int(row.epochs_run) + 1))
+        assert frozen.value == pytest.approx(frozen.intermediate_values[int(row.epochs_run)])
+
+
+def test_inactive_hyperparameters_are_null(smoke: Study) -> None:
+    trials = smoke.table("trials")
+    params = {t.user_attrs["ray_trial_id"]: t.params for t in smoke.optuna().get_trials()}
+    for row in trials.to_dict("records"):
+        null = {key for key in cfg.KEYS if pd.isna(row[key])}
+        active = cfg.active_keys({key: row[key] for key in cfg.KEYS if key not in null})
+        assert null == set(cfg.KEYS) - active, row["trial_id"]
+        assert ("momentum" in null) == (row["optimizer"] not in ("sgd", "sign_sgd"))
+        assert ("focal_gamma" in null) == (row["loss"] != "focal")
+        assert ("label_smoothing" in null) == (row["loss"] != "label_smoothing")
+        assert ("step_size" in null) == ("gamma" in null) == (row["scheduler"] != "step")
+        assert ("activation_slope" in null) == (row["activation"] != "leaky_relu")
+        # Optuna sampled exactly the active keys of the space
+        sampled = set(params[row["trial_id"]])
+        space_keys = {"optimizer", "lr", "momentum", "scheduler", "step_size", "gamma", "loss", "focal_gamma"}
+        space_keys |= {"label_smoothing", "activation", "activation_slope", "filters", "dropout"}
+        assert sampled == space_keys & active
+
+
+def test_tables_match_rays_results(smoke: Study) -> None:
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(smoke.folder))
+    ray_ids = {trial.trial_id for trial in analysis.trials}
+    trials = smoke.table("trials").set_index("trial_id")
+    epochs, layers = smoke.table("epochs"), smoke.table("layers")
+    assert ray_ids == set(trials.index) == set(epochs.trial_id) == set(layers.trial_id)
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    assert not layers.duplicated(["trial_id", "epoch", "layer"]).any()
+    for trial_id, frame in analysis.trial_dataframes.items():
+        ray_rows = frame.drop_duplicates("epoch", keep="last").set_index("epoch")
+        mine = epochs[epochs.trial_id == trial_id].set_index("epoch").sort_index()
+        assert list(mine.index) == list(range(1, len(mine) + 1))
+        assert list(mine.index) == sorted(ray_rows.index)
+        assert mine["val_acc"].tolist() == pytest.approx(ray_rows.loc[mine.index, "val_acc"].tolist())
+        assert mine["train_loss"].tolist() == pytest.approx(ray_rows.loc[mine.index, "train_loss"].tolist())
+        row = trials.loc[trial_id]
+        assert row.epochs_run == len(mine) and row.best_val_acc == pytest.approx(mine["val_acc"].max())
+        per_epoch = layers[layers.trial_id == trial_id].groupby("epoch").size()
+        assert list(per_epoch.index) == list(mine.index) and per_epoch.nunique() == 1
+
+
+def test_killed_worker_is_retried_from_its_checkpoint(smoke: Study) -> None:
+    from ray.tune import ExperimentAnalysis
+
+    assert smoke.marker.exists(), "no trial worker was killed"
+    failed = [t for t in ExperimentAnalysis(str(smoke.folder)).trials if t.run_metadata.num_failures > 0]
+    assert len(failed) == 1 and failed[0].run_metadata.num_failures == 1
+    trial_id = failed[0].trial_id
+    row = smoke.table("trials").set_index("trial_id").loc[trial_id]
+    assert row.status in ("TERMINATED", "STOPPED") and row.epochs_run >= CRASH_EPOCH
+    epochs = smoke.table("epochs")
+    assert epochs[epochs.trial_id == trial_id]["epoch"].tolist() == list(range(1, int(row.epochs_run) + 1))
+    frozen = {t.user_attrs["ray_trial_id"]: t for t in smoke.optuna().get_trials()}[trial_id]
+    assert sorted(frozen.intermediate_values) == list(range(1, int(row.epochs_run) + 1))
+
+
+def test_wandb_offline_runs_with_flow_charts(smoke: Study) -> None:
+    runs = sorted((smoke.folder / "wandb").glob("offline-run-*"))
+    assert {run.name.rsplit("-", 1)[-1] for run in runs} == set(smoke.table("trials")["trial_id"])
+    for run in runs:
+        assert list(run.glob("run-*.wandb"))
+        tables = {path.name.split("_table")[0] for path in (run / "files" / "media" / "table").glob("*.table.json")}
+        assert {"grad_flow", "update_flow"} <= tables, run
+
+
+def test_existing_study_is_not_overwritten(smoke: Study, ray_tmp: Path) -> None:
+    before = {path: path.stat().st_mtime_ns for path in smoke.folder.rglob("*.parquet")}
+    cmd = search_cmd("--space", "smoke", "--name", "smoke", "--storage-path", str(smoke.folder.parent))
+    done = subprocess.run(cmd, cwd=REPO, env=study_env(ray_tmp), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "exists already" in done.stderr and "--resume" in done.stderr
+    assert before == {path: path.stat().st_mtime_ns for path in smoke.folder.rglob("*.parquet")}
+
+
+def test_interrupted_study_resumes_with_every_trial_once(tmp_path: Path, ray_tmp: Path) -> None:
+    root = tmp_path / "studies"
+    env = study_env(ray_tmp)
+    args = ("--name", "resumed", "--storage-path", str(root), "--wandb", "disabled")
+    driver = subprocess.Popen(
+        search_cmd("--space", "smoke", *args), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    folder = root / "resumed"
+    deadline = time.monotonic() + 300
+    finished = 0
+    while time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.3)
+        try:
+            finished = int(pd.read_parquet(folder / "trials")["status"].isin(["TERMINATED", "STOPPED"]).sum())
+        except Exception:  # not written yet (no part file, or only a temporary one)
+            continue
+        if finished >= 2:
+            break
+    assert driver.poll() is None, f"the study ended before it could be interrupted: {driver.stderr.read()[-2000:]}"
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    assert 2 <= finished < SMOKE_TRIALS
+
+    done = subprocess.run(search_cmd("--resume", *args), cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+    from ray.tune import ExperimentAnalysis
+
+    ray_trials = ExperimentAnalysis(str(folder)).trials
+    trials = pd.read_parquet(folder / "trials")
+    epochs = pd.read_parquet(folder / "epochs")
+    study = optuna.load_study(study_name="resumed", storage=f"sqlite:///{folder / 'optuna.db'}")
+    assert len(ray_trials) == SMOKE_TRIALS and all(t.status == "TERMINATED" for t in ray_trials)
+    assert len(trials) == SMOKE_TRIALS and trials["trial_id"].is_unique
+    assert set(trials["trial_id"]) == {t.trial_id for t in ray_trials} == set(epochs["trial_id"])
+    assert set(trials["status"]) <= {"TERMINATED", "STOPPED"}
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    for trial_id, group in epochs.groupby("trial_id"):
+        assert sorted(group["epoch"]) == list(range(1, len(group) + 1)), trial_id
+    # Optuna: one finished trial per Ray trial, none left RUNNING by the killed driver
+    states = [t.state for t in study.trials]
+    assert len(study.trials) == SMOKE_TRIALS and all(state.is_finished() for state in states)
+    assert {t.user_attrs["ray_trial_id"] for t in study.trials} == set(trials["trial_id"])
+    pruned = sum(state == optuna.trial.TrialState.PRUNED for state in states)
+    assert pruned == (trials["status"] == "STOPPED").sum()
+
+
+def test_more_gpus_than_the_cluster_has_is_refused(tmp_path: Path, ray_tmp: Path) -> None:
+    cmd = search_cmd(
+        "--space", "smoke", "--storage-path", str(tmp_path), "--gpus-per-trial", "1", "--wandb", "disabled"
+    )
+    done = subprocess.run(cmd, cwd=REPO, env=study_env(ray_tmp), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.startswith("error: --gpus-per-trial 1 --cpus-per-trial 1: no node can ever hold one trial")
+    assert done.stderr.count("\n") == 1
+    assert not any(tmp_path.iterdir())  # nothing written for a study that cannot run
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--space", "no_such_space"), "unknown space 'no_such_space'"),
+        (("--space", "smoke", "--bogus-flag"), "unrecognized arguments: --bogus-flag"),
+        (("--space", "smoke", "--num-samples", "0"), "--num-samples must be at least 1"),
+        (("--resume",), "--resume needs --name"),
+        (("--resume", "--name", "never-ran"), "no study"),
+        (("--space", "smoke", "--data", "imagenet"), "invalid choice: 'imagenet'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, ray_tmp: Path, args: tuple[str, ...], message: str) -> None:
+    cmd = search_cmd(*args, "--storage-path", str(tmp_path))
+    done = subprocess.run(cmd, cwd=REPO, env=study_env(ray_tmp), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+
+def test_malformed_space_file_names_the_key(tmp_path: Path, ray_tmp: Path) -> None:
+    space = tmp_path / "bad.yaml"
+    space.write_text("max_epochs: 2\nparams:\n  lr: {loguniform: [0.1, 0.001]}\n")
+    done = subprocess.run(
+        search_cmd("--space", str(space), "--storage-path", str(tmp_path / "studies")),
+        cwd=REPO,
+        env=study_env(ray_tmp),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert str(space) in done.stderr and "params.lr" in done.stderr and "low 0.1 > high 0.001" in done.stderr
+
+
+def test_unreachable_address_is_one_line(tmp_path: Path, ray_tmp: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    cmd = search_cmd("--space", "smoke", "--address", address, "--storage-path", str(tmp_path))
+    started = time.monotonic()
+    done = subprocess.run(cmd, cwd=REPO, env=study_env(ray_tmp), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"--address {address}: cannot reach a Ray cluster there" in done.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_searcher_tells_optuna_the_right_states_and_survives_a_lagging_checkpoint(tmp_path: Path) -> None:
+    """StudySearch against a real SQLite study, driven as Ray drives it, without a cluster.
+
+    The driver "dies" after the searcher's last checkpoint, having asked one more trial (an
+    orphan) and finished one more (told in the database, live in the checkpoint); the restored
+    searcher must reuse the orphan, leave the told trial alone, and retry the errored one.
+    """
+    import pickle
+
+    from tune_cifar import searcher as search_mod
+    from tune_cifar import spaces
+
+    search_mod.relocate(None)
+    space = spaces.load("smoke")
+    search = search_mod.StudySearch(space, tmp_path, "unit", seed=0)
+    as_built = pickle.dumps(search)  # what Ray keeps in tuner.pkl
+
+    def result(epoch: int, value: float) -> dict:
+        final = value + 0.01 if epoch == 3 else None  # e.g. an SWA average, evaluated after the last epoch
+        return {"epoch": epoch, "val_acc": value, "config/epochs": 3, "trial/final_val_acc": final}
+
+    configs = {ray_id: search.suggest(ray_id) for ray_id in ("a", "b", "c", "f")}
+    assert all(set(config) >= {"optimizer", "lr", "epochs", "seed", "model"} for config in configs.values())
+    for epoch in (1, 2):
+        search.on_trial_result("a", result(epoch, 0.1 * epoch))
+    search.on_trial_complete("a", result(3, 0.5))  # ran all epochs: COMPLETE
+    search.on_trial_complete("b", result(1, 0.05))  # stopped by ASHA at epoch 1: PRUNED
+    search.on_trial_result("c", result(1, 0.2))
+    search.on_trial_complete("c", error=True)  # failed for good (so far)
+    search.on_trial_result("f", result(1, 0.3))
+    checkpoint = tmp_path / "searcher-state.pkl"
+    search.save(str(checkpoint))
+    search.on_trial_complete("f", result(3, 0.6))  # after the checkpoint
+    orphan_config = search.suggest("e")  # after the checkpoint: Ray will not know "e"
+
+    study = optuna.load_study(study_name="unit", storage=search_mod.storage_url(tmp_path))
+    states = {t.user_attrs["ray_trial_id"]: t for t in study.get_trials()}
+    assert states["a"].state == optuna.trial.TrialState.COMPLETE and states["a"].value == pytest.approx(0.51)
+    assert states["a"].intermediate_values == {1: 0.1, 2: 0.2, 3: 0.5}
+    assert states["b"].state == optuna.trial.TrialState.PRUNED and states["b"].intermediate_values == {1: 0.05}
+    assert states["b"].value == 0.05
+    assert states["c"].state == optuna.trial.TrialState.RUNNING  # not told until the study ends
+
+    restored = pickle.loads(as_built)
+    restored.restore(str(checkpoint))
+    reused = restored.suggest("g")
+    assert reused == orphan_config  # the orphan's sampled values, now for Ray trial "g"
+    restored.on_trial_result("f", result(2, 0.45))  # "f" resumes from its checkpoint ...
+    restored.on_trial_complete("f", result(3, 0.6))  # ... and is not told twice
+    restored.on_trial_result("c", result(2, 0.25))  # the errored trial, retried by --resume
+    restored.on_trial_complete("c", result(3, 0.35))
+    restored.on_trial_complete("g", result(1, 0.01))
+    assert search_mod.finish_study(tmp_path, "unit") == 0
+
+    trials = optuna.load_study(study_name="unit", storage=search_mod.storage_url(tmp_path)).get_trials()
+    by_ray = {t.user_attrs["ray_trial_id"]: t for t in trials}
+    assert len(trials) == 5 and set(by_ray) == {"a", "b", "c", "f", "g"}  # every Ray trial exactly once
+    assert by_ray["f"].state == optuna.trial.TrialState.COMPLETE and by_ray["f"].value == pytest.approx(0.61)
+    assert by_ray["c"].state == optuna.trial.TrialState.COMPLETE and by_ray["c"].intermediate_values == {
+        1: 0.2,
+        2: 0.25,
+        3: 0.35,
+    }
+    assert by_ray["g"].state == optuna.trial.TrialState.PRUNED
+
+
+def test_errored_trials_fail_when_the_study_ends(tmp_path: Path) -> None:
+    from tune_cifar import searcher as search_mod
+    from tune_cifar import spaces
+
+    search = search_mod.StudySearch(spaces.load("smoke"), tmp_path, "errors", seed=1)
+    search.suggest("x")
+    search.on_trial_complete("x", error=True)
+    assert search_mod.finish_study(tmp_path, "errors") == 1
+    (trial,) = optuna.load_study(study_name="errors", storage=search_mod.storage_url(tmp_path)).get_trials()
+    assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["stop_reason"] == "error"
+
+
+def test_searcher_limits_concurrency_itself(tmp_path: Path) -> None:
+    from tune_cifar import searcher as search_mod
+    from tune_cifar import spaces
+
+    search = search_mod.StudySearch(spaces.load("smoke"), tmp_path, "limit", seed=0, max_concurrent=2)
+    assert search.suggest("a") is not None and search.suggest("b") is not None
+    assert search.suggest("c") is None  # two live trials already
+    search.on_trial_complete("a", {"epoch": 1, "val_acc": 0.1, "config/epochs": 3})
+    assert search.suggest("c") is not None

@@ -1,0 +1,415 @@
+"""Run a hyperparameter study: ``python -m tune_cifar.search --space full``.
+
+Ray Tune spreads trials over every CPU and GPU of the machine (or of a running cluster with
+``--address``); Optuna TPE proposes configurations from the space file, define-by-run;
+ASHA stops weak trials early. Everything a study leaves lives in one folder,
+``STORAGE/NAME``: Ray's experiment state and checkpoints, the Parquet tables analysis reads
+(``trials``, ``epochs``, ``layers``, ``steps``), the Optuna study (``optuna.db``), W&B runs
+(``wandb/``), and the space and settings it was started with (``space.yaml``, ``study.json``)
+so that ``--resume`` continues the same study after the driver died.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tune_cifar import cli, spaces
+from tune_cifar.errors import UsageError
+
+DEFAULT_STORAGE = "studies"
+SETTINGS_FILE = "study.json"
+SPACE_COPY = "space.yaml"
+# Flags that define what a study is; --resume takes them from study.json, not the command line.
+STUDY_FLAGS = ("space", "num_samples", "max_epochs", "data", "subset", "val_size", "seed")
+
+
+def parse_args(argv: Sequence[str] | None) -> Any:
+    parser = cli.ArgumentParser(prog="python -m tune_cifar.search", description=__doc__.splitlines()[0])
+    parser.add_argument("--space", help="built-in space name (search_spaces/NAME.yaml) or a path to a space file")
+    parser.add_argument("--name", help="study name, the folder under --storage-path (default SPACE-YYYYmmdd-HHMMSS)")
+    parser.add_argument("--storage-path", default=DEFAULT_STORAGE, help="folder or URI (s3://...) for studies")
+    parser.add_argument("--num-samples", type=int, help="trials (default: the space's num_samples)")
+    parser.add_argument("--max-epochs", type=int, help="epochs per trial and ASHA's max_t (default: the space's)")
+    parser.add_argument("--data", choices=spaces.SOURCES, help="dataset (default: the space's)")
+    parser.add_argument("--data-dir", help="folder holding (or receiving) cifar-10-batches-py/ on the driver")
+    parser.add_argument("--subset", type=int, help="a stratified sample of N training+validation images")
+    parser.add_argument("--val-size", type=int, help="validation images out of the training pool (default: a tenth)")
+    parser.add_argument("--seed", type=int, default=None, help="TPE sampler, data split and every trial's seed (0)")
+    parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial, also torch threads (1)")
+    parser.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions share one (default 1 if any)")
+    parser.add_argument("--max-concurrent", type=int, help="trials at once (default: the space's, else all that fit)")
+    parser.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial from its checkpoint")
+    parser.add_argument("--address", help="join a running Ray cluster (host:port, auto or ray://...)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted study --name")
+    parser.add_argument("--wandb", choices=("offline", "online", "disabled"), help="default online with WANDB_API_KEY")
+    args = parser.parse_args(argv)
+    if not args.resume and not args.space:
+        raise UsageError("--space is required (or --resume --name NAME to continue a study)")
+    if args.resume and not args.name:
+        raise UsageError("--resume needs --name of the study to continue")
+    for flag in ("num_samples", "max_epochs", "subset", "max_concurrent"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.cpus_per_trial <= 0:
+        raise UsageError(f"--cpus-per-trial must be positive, got {args.cpus_per_trial}")
+    if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
+        raise UsageError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
+    if args.max_failures < 0:
+        raise UsageError(f"--max-failures must be >= 0, got {args.max_failures}")
+    return args
+
+
+@dataclass
+class Settings:
+    """What a study is, written to study.json at the start so --resume rebuilds the same one."""
+
+    name: str
+    space: str
+    num_samples: int
+    max_epochs: int
+    data: str
+    subset: int | None
+    val_size: int | None
+    seed: int
+    wandb: str
+    data_dir: str | None = None
+
+    @classmethod
+    def from_args(cls, args: Any, space: spaces.Space, name: str) -> Settings:
+        max_epochs = args.max_epochs or space.max_epochs
+        if space.asha and space.asha.grace_period > max_epochs:
+            grace = space.asha.grace_period
+            raise UsageError(f"--max-epochs {max_epochs} is below the space's ASHA grace period {grace}")
+        num_samples = args.num_samples or space.num_samples
+        if space.grid and num_samples != space.num_samples:
+            raise UsageError(f"{space.path}: a grid runs each of its {space.num_samples} combinations once")
+        return cls(
+            name=name,
+            space=str(space.path),
+            num_samples=num_samples,
+            max_epochs=max_epochs,
+            data=args.data or space.source,
+            subset=args.subset if args.subset is not None else space.subset,
+            val_size=args.val_size if args.val_size is not None else space.val_size,
+            seed=args.seed if args.seed is not None else 0,
+            wandb=args.wandb or ("online" if os.environ.get("WANDB_API_KEY") else "offline"),
+            data_dir=args.data_dir,
+        )
+
+
+class StudyPaths:
+    """Where things go: Ray's experiment at ``STORAGE/NAME`` (a folder or a URI), the tables,
+    Optuna study and W&B runs in a local folder (the same one unless STORAGE is a URI)."""
+
+    def __init__(self, storage: str, name: str):
+        if "/" in name or name in (".", "..") or not name.strip():
+            raise UsageError(f"--name must be a plain folder name, got {name!r}")
+        self.remote = "://" in storage
+        self.name = name
+        self.storage = storage if self.remote else str(Path(storage).expanduser().resolve())
+        self.experiment = f"{self.storage.rstrip('/')}/{name}"
+        self.local = (Path(DEFAULT_STORAGE) / name).resolve() if self.remote else Path(self.experiment)
+
+    def exists(self) -> bool:
+        if not self.remote:
+            return self.local.exists() and any(self.local.iterdir())
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(self.experiment)
+        return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+    def sync(self, direction: str) -> None:
+        """Copy the study's own files between the local folder and a remote storage (up or down)."""
+        if not self.remote:
+            return
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(self.experiment)
+        local = pyarrow.fs.LocalFileSystem()
+        self.local.mkdir(parents=True, exist_ok=True)
+        for item in ("trials", "epochs", "layers", "steps", "optuna.db", SETTINGS_FILE, SPACE_COPY):
+            source, target = (str(self.local / item), f"{path}/{item}")
+            source_fs, target_fs = local, fs
+            if direction == "down":
+                source, target, source_fs, target_fs = target, source, target_fs, source_fs
+            info = source_fs.get_file_info(source)
+            if info.type == pyarrow.fs.FileType.NotFound:
+                continue
+            if info.type == pyarrow.fs.FileType.Directory:
+                target_fs.create_dir(target, recursive=True)
+                pyarrow.fs.copy_files(source, target, source_filesystem=source_fs, destination_filesystem=target_fs)
+            else:
+                target_fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+                with source_fs.open_input_stream(source) as src, target_fs.open_output_stream(target) as dst:
+                    dst.write(src.read())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    paths = StudyPaths(args.storage_path, args.name or "pending")
+    if args.resume:
+        settings, space = _resume_settings(args, paths)
+    else:
+        space = spaces.load(args.space)
+        name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        paths = StudyPaths(args.storage_path, name)
+        if paths.exists() or (paths.local.exists() and any(paths.local.iterdir())):
+            raise UsageError(f"study {paths.experiment} exists already; continue it with --resume or pick a new --name")
+        settings = Settings.from_args(args, space, name)
+
+    if args.address is None:
+        # A study on this machine needs no network: bind Ray to the loopback address (read at import).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ray's TensorBoard logger cannot hold the per-layer lists; the JSON and CSV loggers are added explicitly.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    _check_reachable(args.address)
+    from tune_cifar.data import load_splits
+
+    splits = load_splits(settings.data, settings.data_dir, settings.val_size, settings.subset, settings.seed)
+    _connect(args.address)
+    try:
+        gpus, one_node = _check_cluster(args.storage_path, args.cpus_per_trial, args.gpus_per_trial)
+        if not args.resume:
+            paths.local.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(space.path, paths.local / SPACE_COPY)
+            (paths.local / SETTINGS_FILE).write_text(json.dumps(asdict(settings), indent=2) + "\n")
+        limit = args.max_concurrent or space.max_concurrent
+        pending = _pending_trials(limit, args.cpus_per_trial, gpus)
+        os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(pending))
+        return _run(args, settings, space, paths, splits, args.cpus_per_trial, gpus, one_node)
+    finally:
+        import ray
+
+        ray.shutdown()
+
+
+def _resume_settings(args: Any, paths: StudyPaths) -> tuple[Settings, spaces.Space]:
+    if not paths.exists():
+        raise UsageError(f"no study {paths.experiment} to resume")
+    paths.sync("down")
+    settings_path = paths.local / SETTINGS_FILE
+    if not settings_path.is_file():
+        raise UsageError(f"{paths.local}: not a tune-cifar study (no {SETTINGS_FILE})")
+    settings = Settings(**json.loads(settings_path.read_text()))
+    given = {flag: getattr(args, flag) for flag in STUDY_FLAGS if getattr(args, flag) is not None}
+    if given:
+        flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in given)
+        raise UsageError(f"{flags}: a resumed study keeps its settings ({settings_path}); drop these flags")
+    if args.wandb:
+        settings.wandb = args.wandb
+    settings.data_dir = args.data_dir or settings.data_dir
+    return settings, spaces.load(paths.local / SPACE_COPY)
+
+
+def _check_reachable(address: str | None) -> None:
+    """Fail in seconds on a wrong host:port, before loading data (Ray itself retries for a minute)."""
+    if address is None or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--address {address}: cannot reach a Ray cluster there ({exc})") from None
+
+
+def _connect(address: str | None) -> None:
+    import logging
+
+    import ray
+
+    if address is None:
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        return
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--address {address}: cannot join the Ray cluster ({first})") from None
+
+
+def _check_cluster(storage_path: str, cpus: float, gpus: float | None) -> tuple[float, bool]:
+    """Refuse a trial size no node or autoscaler node type can hold (it would pend forever) and a
+    local storage folder on a multi-machine cluster.
+
+    Returns the GPUs per trial to ask for, and whether the cluster is one node for good: there
+    trial workers are reused (saving a Python + torch start per trial); on a cluster that has
+    or may add more nodes every trial gets a fresh worker, so trials spread over new nodes.
+    """
+    from tune_cifar import cluster
+
+    view = cluster.snapshot()
+    gpus = gpus if gpus is not None else cluster.default_gpus_per_trial(view)
+    cluster.check_gpu_request(gpus, cpus, view)
+    cluster.check_storage(storage_path, cluster.is_multi_node(view))
+    return gpus, view.max_nodes == 1
+
+
+def _pending_trials(max_concurrent: int | None, cpus: float, gpus: float) -> int:
+    """How many trials Tune may start placing at once. Ray allows one for a custom searcher not
+    wrapped in its ConcurrencyLimiter, which starts trials one by one and gives an autoscaler
+    a demand of one; this allows what the cluster holds now (or the concurrency limit)."""
+    import ray
+
+    if max_concurrent:
+        return max_concurrent
+    total = ray.cluster_resources()
+    slots = int(total.get("CPU", 0) // cpus)
+    if gpus:
+        slots = min(slots, int(total.get("GPU", 0) // gpus))
+    return max(2, slots)
+
+
+def _run(
+    args: Any,
+    settings: Settings,
+    space: spaces.Space,
+    paths: StudyPaths,
+    splits: Any,
+    cpus: float,
+    gpus: float,
+    one_node: bool,
+) -> int:
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from tune_cifar import searcher, study_callbacks
+    from tune_cifar.trainable import train_trial, trial_dirname
+
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, splits=splits, cpus=cpus, gpus=gpus), {"cpu": cpus, "gpu": gpus}
+    )
+    searcher.relocate(paths.local)
+    study_callbacks.relocate(paths.local)
+    started = time.monotonic()
+    if args.resume:
+        tuner = tune.Tuner.restore(paths.experiment, trainable, resume_unfinished=True, resume_errored=True)
+        print(f"resuming study {settings.name} from {paths.experiment}", flush=True)
+    else:
+        callbacks: list[Any] = [
+            JsonLoggerCallback(),
+            CSVLoggerCallback(),
+            study_callbacks.ParquetCallback(paths.local, settings.name),
+        ]
+        if settings.wandb != "disabled":
+            callbacks.append(study_callbacks.WandbCallback(paths.local, settings.name, settings.wandb))
+        callbacks.append(study_callbacks.ConsoleCallback(settings.num_samples, settings.max_epochs))
+        scheduler = (
+            ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=settings.max_epochs,
+                grace_period=space.asha.grace_period,
+                reduction_factor=space.asha.reduction_factor,
+            )
+            if space.asha
+            else FIFOScheduler()
+        )
+        space = _with_max_epochs(space, settings.max_epochs)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric=searcher.METRIC,
+                mode="max",
+                search_alg=searcher.StudySearch(
+                    space,
+                    paths.local,
+                    settings.name,
+                    seed=settings.seed,
+                    max_concurrent=args.max_concurrent or space.max_concurrent or 0,
+                ),
+                scheduler=scheduler,
+                num_samples=settings.num_samples,
+                reuse_actors=one_node,
+                trial_dirname_creator=trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=settings.name,
+                storage_path=paths.storage,
+                callbacks=callbacks,
+                failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                verbose=0,
+            ),
+        )
+        print(
+            f"study {settings.name}: {settings.num_samples} trials x up to {settings.max_epochs} epochs of "
+            f"{space.name} on {settings.data}, {cpus:g} CPU + {gpus:g} GPU per trial -> {paths.local}",
+            flush=True,
+        )
+    results = tuner.fit()
+    if not _interrupted(paths):
+        searcher.finish_study(paths.local, settings.name)
+    paths.sync("up")
+    return _report(settings, space, paths, results, time.monotonic() - started)
+
+
+def _interrupted(paths: StudyPaths) -> bool:
+    """Trials left RUNNING mean the run was stopped (Ctrl+C) and --resume will continue them."""
+    from tune_cifar.tables import read_table
+
+    try:
+        return bool((read_table(paths.local, "trials")["status"] == "RUNNING").any())
+    except UsageError:
+        return False
+
+
+def _with_max_epochs(space: spaces.Space, max_epochs: int) -> spaces.Space:
+    from dataclasses import replace
+
+    return replace(space, max_epochs=max_epochs)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _report(settings: Settings, space: spaces.Space, paths: StudyPaths, results: Any, wall_s: float) -> int:
+    """The final summary: counts, the best configuration, and where everything is."""
+    import pandas as pd
+
+    from tune_cifar import config as cfg
+    from tune_cifar.tables import read_table
+
+    try:
+        trials = read_table(paths.local, "trials")
+    except UsageError:
+        print(f"study {settings.name}: no trial reported a result -> {paths.local}")
+        return 1
+    counts = trials["status"].value_counts().to_dict()
+    epochs = int(trials["epochs_run"].fillna(0).sum())
+    print(
+        f"\nstudy {settings.name}: {len(trials)} trials ({counts.get('TERMINATED', 0)} ran all epochs, "
+        f"{counts.get('STOPPED', 0)} stopped by ASHA, {counts.get('ERROR', 0)} errors, "
+        f"{counts.get('RUNNING', 0)} unfinished); {epochs} of {settings.num_samples * settings.max_epochs} epochs "
+        f"in {wall_s:.1f} s"
+    )
+    done = trials[trials["status"].isin(("TERMINATED", "STOPPED")) & trials["best_val_acc"].notna()]
+    if not done.empty:
+        best = done.sort_values(["best_val_acc", "epochs_run"], ascending=[False, True]).iloc[0]
+        shown = [key for key in (*space.sampled_keys, "filters") if key in cfg.KEYS]
+        values = {key: best[key] for key in dict.fromkeys(shown) if not pd.isna(best[key])}
+        print(f"best: trial {best['trial_id']} val_acc {best['best_val_acc']:.4f} (epoch {int(best['best_epoch'])})")
+        print("  " + " ".join(f"{key}={_short(value)}" for key, value in values.items()))
+    where = paths.local
+    print(f"tables: {where}/{{trials,epochs,layers}}/ (Parquet; Ray experiment: {paths.experiment})")
+    print(f"optuna: optuna-dashboard sqlite:///{where / 'optuna.db'}  (study name {settings.name!r})")
+    if settings.wandb == "offline":
+        print(f"wandb:  wandb sync {where}/wandb/offline-run-*")
+    print(f"analyse: python analysis/best_config.py {where}")
+    errors = getattr(results, "errors", [])
+    return 1 if len(errors) == len(trials) and len(trials) else 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

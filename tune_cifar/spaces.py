@@ -1,0 +1,407 @@
+"""Search spaces as YAML files (``search_spaces/NAME.yaml``), validated when they are loaded.
+
+A space file says what a study varies and how long it may run::
+
+    description: what the study is for
+    num_samples: 64                      # trials (a grid: its size)
+    max_epochs: 100                      # every trial's ``epochs``; ASHA's max_t
+    data: {source: cifar10, subset: null, val_size: 5000}
+    asha: {grace_period: 5, reduction_factor: 3}   # or ``asha: null``: no early stopping
+    max_concurrent: 8                    # or null: as many as the cluster fits
+    fixed: {model: conditioned_cnn}      # vocabulary keys held constant
+    params:                              # vocabulary keys Optuna samples (TPE, define-by-run)
+      lr: {loguniform: [1.0e-4, 1.0e-1]}
+    grid: {optimizer: [adam, sgd]}       # instead of params: every combination exactly once
+
+Every key is a key of the configuration vocabulary (:mod:`tune_cifar.config`), so a mistyped
+name fails here, with the file and key named, instead of as a crashed trial hours later.
+Which sampled keys matter under which choices is *not* written in the file: it comes from
+``config.CONDITIONS``, and :class:`DefineByRun` samples a child key only when its parent's
+sampled value makes it active (momentum only for SGD, focal_gamma only for the focal loss).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tune_cifar import config as cfg
+from tune_cifar.errors import UsageError
+
+TOP_KEYS = ("description", "num_samples", "max_epochs", "data", "asha", "max_concurrent", "fixed", "params", "grid")
+DATA_KEYS = ("source", "subset", "val_size")
+ASHA_KEYS = ("grace_period", "reduction_factor")
+SOURCES = ("cifar10", "synthetic")
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "logint")
+
+
+def spaces_dir() -> Path:
+    """The built-in spaces: ``tune_cifar/search_spaces`` when installed, ``<repo>/search_spaces`` in a checkout."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "search_spaces", package.parent / "search_spaces"):
+        if candidate.is_dir():
+            return candidate
+    return package.parent / "search_spaces"
+
+
+def builtin_names() -> list[str]:
+    return sorted(path.stem for path in spaces_dir().glob("*.yaml"))
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """``--space NAME`` (a built-in) or a path to a user's YAML file."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if path.suffix in (".yaml", ".yml") or "/" in text:
+        raise UsageError(f"space file not found: {path}")
+    builtin = spaces_dir() / f"{text}.yaml"
+    if builtin.is_file():
+        return builtin
+    raise UsageError(f"unknown space {text!r} (built-in: {', '.join(builtin_names()) or 'none'}; or give a .yaml path)")
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """One sampled key: ``choice`` (categorical), ``uniform``/``loguniform`` floats, ``int``/``logint``."""
+
+    kind: str
+    values: tuple[Any, ...]  # the choices, or (low, high)
+
+    def suggest(self, trial: Any, name: str) -> Any:
+        """Ask an Optuna trial (or Ray's suggest-captor around one) for this key's value."""
+        if self.kind == "choice":
+            return trial.suggest_categorical(name, list(self.values))
+        low, high = self.values
+        if self.kind in ("uniform", "loguniform"):
+            return trial.suggest_float(name, low, high, log=self.kind == "loguniform")
+        return trial.suggest_int(name, low, high, log=self.kind == "logint")
+
+    def extremes(self) -> tuple[Any, ...]:
+        """The values that must each be a valid setting of the key (all choices, or both bounds)."""
+        return self.values
+
+
+@dataclass(frozen=True)
+class Asha:
+    grace_period: int
+    reduction_factor: int
+
+
+@dataclass(frozen=True)
+class Space:
+    """A validated search-space file."""
+
+    name: str
+    path: Path
+    description: str
+    num_samples: int
+    max_epochs: int
+    source: str
+    subset: int | None
+    val_size: int | None
+    asha: Asha | None
+    max_concurrent: int | None
+    fixed: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Distribution] = field(default_factory=dict)
+    grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    @property
+    def sampled_keys(self) -> list[str]:
+        """Keys set per trial, parents before children so define-by-run can test activity."""
+        keys = list(self.params) + list(self.grid)
+        return sorted(keys, key=lambda key: (_depth(key), keys.index(key)))
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every combination of the grid's values, in file order (one trial each)."""
+        if not self.grid:
+            return []
+        keys = list(self.grid)
+        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(self.grid[key] for key in keys))]
+
+    def constants(self, seed: int = 0) -> dict[str, Any]:
+        """What every trial gets besides the sampled keys: the fixed keys, ``epochs`` and a seed."""
+        return {"seed": seed, **self.fixed, "epochs": self.max_epochs}
+
+    def trial_config(self, values: dict[str, Any]) -> cfg.TrainConfig:
+        """The training config of one trial's values (sampled + constants)."""
+        return cfg.from_dict({key: value for key, value in values.items() if key in cfg.KEYS}, source=str(self.path))
+
+
+class DefineByRun:
+    """Optuna define-by-run space of a :class:`Space`: parents first, children only when active.
+
+    A class (not a closure) so that the searcher holding it pickles into Ray's experiment state.
+    """
+
+    def __init__(self, space: Space, seed: int = 0):
+        self.space = space
+        self.seed = seed
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        values = self.space.constants(self.seed)
+        for key in self.space.sampled_keys:
+            if key not in cfg.active_keys(values):
+                continue  # inactive: Optuna never sees it, the trials table leaves it null
+            if key in self.space.grid:
+                values[key] = trial.suggest_categorical(key, list(self.space.grid[key]))
+            else:
+                values[key] = self.space.params[key].suggest(trial, key)
+        return {key: value for key, value in values.items() if key not in self.space.sampled_keys}
+
+
+def load(name_or_path: str | Path) -> Space:
+    """Read and validate a space; any problem is a :class:`UsageError` naming the file and the key."""
+    path = resolve(name_or_path)
+    raw = _read_yaml(path)
+    return _parse(path, raw)
+
+
+def is_space_mapping(raw: dict[str, Any]) -> bool:
+    """A space file has ``fixed``/``params``/``grid``; a plain training config has vocabulary keys only."""
+    return any(key in raw for key in ("fixed", "params", "grid"))
+
+
+def load_fixed_config(path: str | Path) -> cfg.TrainConfig | None:
+    """The training config of a space file with nothing sampled (``seed_best.yaml``); None for a plain config.
+
+    Lets ``train --config search_spaces/seed_best.yaml`` train exactly what the one-trial
+    study would, with ``epochs`` taken from ``max_epochs``.
+    """
+    path = Path(path)
+    raw = _read_yaml(path)
+    if not is_space_mapping(raw):
+        return None
+    space = _parse(path, raw)
+    if space.params or len(space.grid_points()) > 1:
+        sampled = ", ".join(space.sampled_keys)
+        raise UsageError(f"{path}: a search space that samples {sampled}; a training config must fix every key")
+    return space.trial_config({**space.constants(space.fixed.get("seed", 0)), **(space.grid_points() or [{}])[0]})
+
+
+def load_config_file(path: str | Path) -> cfg.TrainConfig:
+    """``train --config``: a mapping of vocabulary keys, or a space file that fixes every key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    fixed = load_fixed_config(path)
+    return fixed if fixed is not None else cfg.load(path)
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UsageError(f"space file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: expected a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def _parse(path: Path, raw: dict[str, Any]) -> Space:
+    def fail(where: str, problem: str) -> UsageError:
+        return UsageError(f"{path}: {where}: {problem}")
+
+    _check_known(raw, TOP_KEYS, "top level", fail)
+    max_epochs = _positive_int(raw.get("max_epochs", cfg.TrainConfig.epochs), "max_epochs", fail)
+    data = _mapping(raw.get("data"), "data", fail)
+    _check_known(data, DATA_KEYS, "data", fail)
+    source = data.get("source", "cifar10")
+    if source not in SOURCES:
+        raise fail("data.source", f"unknown source {source!r} (choose from {', '.join(SOURCES)})")
+    subset = None if data.get("subset") is None else _positive_int(data["subset"], "data.subset", fail)
+    val_size = data.get("val_size")  # None: a tenth of the training pool
+    if val_size is not None:
+        val_size = _positive_int(val_size, "data.val_size", fail, minimum=0)
+    asha = None
+    if raw.get("asha", {}) is not None:  # absent: defaults; explicit null: no early stopping
+        spec = _mapping(raw.get("asha"), "asha", fail)
+        _check_known(spec, ASHA_KEYS, "asha", fail)
+        grace = _positive_int(spec.get("grace_period", 1), "asha.grace_period", fail)
+        factor = _positive_int(spec.get("reduction_factor", 3), "asha.reduction_factor", fail, minimum=2)
+        if grace > max_epochs:
+            raise fail("asha.grace_period", f"{grace} is more than max_epochs {max_epochs}")
+        asha = Asha(grace, factor)
+    concurrent = raw.get("max_concurrent")
+    concurrent = None if concurrent is None else _positive_int(concurrent, "max_concurrent", fail)
+
+    fixed = _mapping(raw.get("fixed"), "fixed", fail)
+    params_raw = _mapping(raw.get("params"), "params", fail)
+    grid_raw = _mapping(raw.get("grid"), "grid", fail)
+    for section, keys in (("fixed", fixed), ("params", params_raw), ("grid", grid_raw)):
+        for key in keys:
+            if key not in cfg.KEYS:
+                raise fail(f"{section}.{key}", f"not a configuration key (known keys: {', '.join(cfg.KEYS)})")
+            if key == "epochs":
+                raise fail(f"{section}.epochs", "set max_epochs instead (every trial's epochs, ASHA's max_t)")
+    for key in params_raw:
+        if key in fixed:
+            raise fail(f"params.{key}", "both fixed and sampled; keep one")
+        if key in grid_raw:
+            raise fail(f"params.{key}", "both sampled and in the grid; keep one")
+    for key in grid_raw:
+        if key in fixed:
+            raise fail(f"grid.{key}", "both fixed and in the grid; keep one")
+
+    fixed = {key: cfg.format_filters(cfg.parse_filters(v)) if key == "filters" else v for key, v in fixed.items()}
+    base = {**fixed, "epochs": max_epochs}
+    try:
+        cfg.from_dict(base, source="fixed")
+    except UsageError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+
+    params = {key: _distribution(key, spec, fail) for key, spec in params_raw.items()}
+    grid = {key: _grid_values(key, values, fail) for key, values in grid_raw.items()}
+    choices = {key: d.values for key, d in params.items() if d.kind == "choice"} | grid
+    for section, key, values in [("params", k, d.extremes()) for k, d in params.items()] + [
+        ("grid", k, v) for k, v in grid.items()
+    ]:
+        where = f"{section}.{key}"
+        activating = _activating(key, fixed, choices)
+        if activating is None:
+            parent, when = cfg.CONDITIONS[key]
+            raise fail(where, f"never active: it only matters when {parent} is {' or '.join(map(str, when))}")
+        for value in values:
+            try:
+                cfg.from_dict({**base, **activating, key: value}, source=where)
+            except UsageError as exc:
+                raise UsageError(f"{path}: {where}: {exc}") from None
+
+    grid_size = math.prod(len(values) for values in grid.values()) if grid else 0
+    if grid and params:
+        raise fail("grid", "a grid runs every combination; sample with params or list a grid, not both")
+    if grid:
+        num_samples = raw.get("num_samples", grid_size)
+        if num_samples != grid_size:
+            raise fail("num_samples", f"{num_samples}, but the grid has {grid_size} combinations (omit num_samples)")
+    else:
+        num_samples = _positive_int(raw.get("num_samples", 1 if not params else 16), "num_samples", fail)
+    description = raw.get("description") or ""
+    if not isinstance(description, str):
+        raise fail("description", "must be text")
+    return Space(
+        name=path.stem,
+        path=path,
+        description=description.strip(),
+        num_samples=num_samples,
+        max_epochs=max_epochs,
+        source=source,
+        subset=subset,
+        val_size=val_size,
+        asha=asha,
+        max_concurrent=concurrent,
+        fixed=fixed,
+        params=params,
+        grid=grid,
+    )
+
+
+def _check_known(mapping: dict[str, Any], known: Iterable[str], where: str, fail: Any) -> None:
+    known = tuple(known)
+    for key in mapping:
+        if key not in known:
+            raise fail(where, f"unknown key {key!r} (known: {', '.join(known)})")
+
+
+def _mapping(value: Any, where: str, fail: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise fail(where, f"expected a mapping, got {value!r}")
+    return value
+
+
+def _positive_int(value: Any, where: str, fail: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise fail(where, f"expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(value: Any, where: str, fail: Any) -> float:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; accept it as the number it obviously is."""
+    if isinstance(value, bool):
+        raise fail(where, f"expected a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise fail(where, f"expected a number, got {value!r}") from None
+
+
+def _distribution(key: str, spec: Any, fail: Any) -> Distribution:
+    where = f"params.{key}"
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise fail(where, f"expected one of {{{', '.join(k + ': ...' for k in DISTRIBUTIONS)}}}, got {spec!r}")
+    kind, args = next(iter(spec.items()))
+    if kind not in DISTRIBUTIONS:
+        raise fail(where, f"unknown distribution {kind!r} (choose from {', '.join(DISTRIBUTIONS)})")
+    if kind == "choice":
+        return Distribution(kind, _grid_values(key, args, fail, where=where))
+    if not isinstance(args, (list, tuple)) or len(args) != 2:
+        raise fail(where, f"{kind} takes [low, high], got {args!r}")
+    if kind in ("int", "logint"):
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in args):
+            raise fail(where, f"{kind} takes integer bounds, got {args!r}")
+        low, high = args
+    else:
+        low, high = (_number(v, where, fail) for v in args)
+    if low > high:
+        raise fail(where, f"low {low} > high {high}")
+    if kind in ("loguniform", "logint") and low <= 0:
+        raise fail(where, f"{kind} needs low > 0, got {low}")
+    return Distribution(kind, (low, high))
+
+
+def _grid_values(key: str, values: Any, fail: Any, where: str | None = None) -> tuple[Any, ...]:
+    where = where or f"grid.{key}"
+    if not isinstance(values, (list, tuple)) or not values:
+        raise fail(where, f"expected a non-empty list of values, got {values!r}")
+    out = []
+    for value in values:
+        if key == "filters":
+            value = cfg.format_filters(cfg.parse_filters(value))  # Optuna choices must be scalars
+        if not isinstance(value, (str, int, float, bool)):
+            raise fail(where, f"values must be scalars, got {value!r}")
+        if cfg.TrainConfig.__dataclass_fields__[key].type == "float" and isinstance(value, str):
+            value = _number(value, where, fail)
+        out.append(value)
+    if len(set(map(repr, out))) != len(out):
+        raise fail(where, f"repeated values in {out!r}")
+    return tuple(out)
+
+
+def _depth(key: str) -> int:
+    return 0 if key not in cfg.CONDITIONS else 1 + _depth(cfg.CONDITIONS[key][0])
+
+
+def _activating(key: str, fixed: dict[str, Any], choices: dict[str, tuple[Any, ...]]) -> dict[str, Any] | None:
+    """Parent values under which ``key`` is active and that the space can produce; None if none can."""
+    if key not in cfg.CONDITIONS:
+        return {}
+    parent, when = cfg.CONDITIONS[key]
+    upstream = _activating(parent, fixed, choices)
+    if upstream is None:
+        return None
+    if parent in fixed:
+        possible: tuple[Any, ...] = (fixed[parent],)
+    elif parent in choices:
+        possible = choices[parent]
+    else:
+        possible = (getattr(cfg.TrainConfig(), parent),)
+    for value in possible:
+        if value in when:
+            return {**upstream, parent: value}
+    return None
