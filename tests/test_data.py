@@ -368,9 +368,9 @@ def test_load_splits_subset(cifar_dir: Path) -> None:
 
 
 def test_load_splits_synthetic_subset() -> None:
-    splits = load_splits("synthetic", subset=100)  # the default 5,000 of 10,000 images becomes 50 of 100
+    splits = load_splits("synthetic", subset=100)  # the default: a tenth of the pool holds out 10 of 100
     assert splits.source == "synthetic"
-    assert (len(splits.train_y), len(splits.val_y), len(splits.test_y)) == (50, 50, 20)
+    assert (len(splits.train_y), len(splits.val_y), len(splits.test_y)) == (90, 10, 20)
 
 
 @pytest.mark.parametrize(
