@@ -10,10 +10,11 @@ For each model, at one batch size, in one process:
 * ``per-sample``: the source reports' pipeline — a per-image Dataset with crop/flip in Python,
   a ``torch.utils.data.DataLoader`` with workers, then the same step.
 
-Each figure is the median of ``--repeats`` timed epochs after a warm-up. Targets on a 2-core CPU:
+Each figure is the median of ``--repeats`` timed epochs after a warm-up; the epochs with and
+without telemetry alternate. Targets on a 2-core CPU:
 full >= 0.90 x bare, telemetry overhead <= 3%.
 
-    python benchmarks/train_throughput.py [--models small_cnn conditioned_cnn] [--images 2560]
+    python benchmarks/train_throughput.py [--models small_cnn conditioned_cnn] [--images 6400] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -73,16 +74,26 @@ def per_sample_rate(trainer: Trainer, loader: DataLoader) -> float:
     return count / (time.perf_counter() - started)
 
 
+def telemetry_ablation(trainer: Trainer, repeats: int) -> dict[str, float]:
+    """Full epochs with and without per-step gradient statistics, interleaved so that drift in
+    the machine's speed (turbo, other processes) hits both alike."""
+    record_step = trainer.telemetry.record_step
+    with_telemetry, without = [], []
+    trainer.train_epoch()  # warm-up
+    for _ in range(repeats):
+        with_telemetry.append(trainer.train_epoch().epoch["images_per_s"])
+        trainer.telemetry.record_step = lambda: None  # the ablation
+        without.append(trainer.train_epoch().epoch["images_per_s"])
+        trainer.telemetry.record_step = record_step
+    return {"full": statistics.median(with_telemetry), "no_telemetry": statistics.median(without)}
+
+
 def measure(model: str, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     splits = load_splits("synthetic", subset=args.images, seed=0)
     config = TrainConfig(model=model, batch_size=args.batch_size, epochs=1000)
     trainer = Trainer(config, splits, device=device)
     steps = len(trainer.train_loader)
-    rates = {"full": median_rate(lambda: trainer.train_epoch().epoch["images_per_s"], args.repeats)}
-    record_step = trainer.telemetry.record_step
-    trainer.telemetry.record_step = lambda: None  # ablation: no per-step gradient statistics
-    rates["no_telemetry"] = median_rate(lambda: trainer.train_epoch().epoch["images_per_s"], args.repeats)
-    trainer.telemetry.record_step = record_step
+    rates = telemetry_ablation(trainer, args.repeats)
     rates["bare"] = median_rate(lambda: bare_rate(trainer, steps), args.repeats)
     dataset = CifarBatchDataset(splits.train_x, splits.train_y, augment=True)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True)
@@ -94,8 +105,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["small_cnn", "conditioned_cnn"])
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--images", type=int, default=2560, help="training images per timed epoch")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=int, default=6400, help="training images per timed epoch")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the per-sample pipeline")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
