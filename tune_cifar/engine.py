@@ -71,7 +71,9 @@ class Trainer:
         self.telemetry = Telemetry(self.model)
         self.decayed = decayed_parameters(self.model)  # the weights L1 and weight decay act on
         self.swa_model = AveragedModel(self.model) if config.swa_epochs else None
-        self.has_val = len(splits.val_y) > 0  # empty when retraining on train + validation
+        # Built once: the validation split stays on the device for every epoch's evaluation.
+        # None when retraining on train + validation.
+        self.val_loader = self._eval_loader(splits.val_x, splits.val_y) if len(splits.val_y) else None
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -123,7 +125,7 @@ class Trainer:
         if self.swa_model is not None and self.epoch > config.epochs - config.swa_epochs:
             self.swa_model.update_parameters(self.model)
         train_loss = loss_sum.item() / images
-        val_loss, val_acc = self.evaluate(self.splits.val_x, self.splits.val_y) if self.has_val else (None, None)
+        val_loss, val_acc = self.evaluate(self.val_loader) if self.val_loader is not None else (None, None)
         self.schedule.step_epoch(val_loss if val_loss is not None else train_loss)
         epoch_row = {
             "epoch": self.epoch,
@@ -142,12 +144,11 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, images: Any, labels: Any, model: nn.Module | None = None) -> tuple[float, float]:
+    def evaluate(self, loader: DeviceLoader, model: nn.Module | None = None) -> tuple[float, float]:
         """Cross-entropy and accuracy on a split, unaugmented, in large batches."""
         model = model if model is not None else self.forward
         was_training = self.model.training
         model.eval()
-        loader = DeviceLoader(images, labels, EVAL_BATCH_SIZE, self.device, train=False, augment=False, seed=0)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         for batch, targets in loader:
@@ -158,20 +159,24 @@ class Trainer:
         self.model.train(was_training)
         return loss_sum.item() / loader.num_images, correct.item() / loader.num_images
 
+    def _eval_loader(self, images: Any, labels: Any) -> DeviceLoader:
+        return DeviceLoader(images, labels, EVAL_BATCH_SIZE, self.device, train=False, augment=False, seed=0)
+
     def finish(self) -> dict[str, Any]:
         """After the last epoch: fold in the SWA average (with fresh BN statistics) and validate it."""
         if self.swa_model is not None and self.final_val is None:
             update_bn(self.train_loader, self.swa_model, device=self.device)
             self.final_val = {"val_loss": None, "val_acc": None}
-            if self.has_val:
-                loss, acc = self.evaluate(self.splits.val_x, self.splits.val_y, model=self.swa_model)
+            if self.val_loader is not None:
+                loss, acc = self.evaluate(self.val_loader, model=self.swa_model)
                 self.final_val = {"val_loss": loss, "val_acc": acc}
         return self.summary()
 
     def evaluate_test(self) -> dict[str, float]:
         """The test set, once, with the final model (the SWA average when there is one)."""
         model = self.swa_model if self.swa_model is not None and self.final_val is not None else None
-        loss, acc = self.evaluate(self.splits.test_x, self.splits.test_y, model=model)
+        test_loader = self._eval_loader(self.splits.test_x, self.splits.test_y)
+        loss, acc = self.evaluate(test_loader, model=model)
         return {"test_loss": loss, "test_acc": acc}
 
     def final_model(self) -> nn.Module:
