@@ -11,7 +11,6 @@ Accuracies in the tables are fractions (0.9153); they are shown as percentages.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +86,28 @@ class Study:
         """Hyperparameter columns that take at least two values among ``trials`` (finished by default)."""
         trials = self.finished if trials is None else trials
         return [key for key in HYPERPARAMETERS if trials[key].dropna().astype(str).nunique() >= 2]
+
+    def budgets(self) -> list[int]:
+        """The epoch counts at which finished trials can be compared: where each of them ended.
+
+        Under ASHA these are its rungs (where it stopped trials) and the full budget; without
+        early stopping, the one budget every trial ran. Every finished trial reached the first.
+        """
+        return sorted(int(epochs) for epochs in self.finished["epochs_run"].dropna().unique())
+
+    def at_budget(self, epochs: int) -> pd.DataFrame:
+        """Finished trials that ran at least ``epochs`` epochs, with ``val_acc`` after exactly that many.
+
+        The one fair way to compare trials of an ASHA study: every number rests on the same
+        training budget (all trials at the first rung, the survivors at the next, ...). Best
+        first; the column ``stopped`` marks the trials ASHA stopped later on.
+        """
+        reached = self.finished[self.finished["epochs_run"] >= epochs]
+        table = self.table("epochs")
+        values = table[table["epoch"] == epochs].set_index("trial_id")["val_acc"]
+        at = reached.assign(val_acc=reached["trial_id"].map(values), stopped=reached["status"] == "STOPPED")
+        at = at[at["val_acc"].notna()]
+        return at.sort_values(["val_acc", "trial_id"], ascending=[False, True])
 
     def out_dir(self) -> Path:
         out = self.folder / "analysis"
@@ -165,11 +186,6 @@ def markdown_table(frame: pd.DataFrame) -> str:
     rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
     body = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *body])
-
-
-def natural_key(text: str) -> list[Any]:
-    """Sort ``conv2`` before ``conv10``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def log_spans_decades(values: pd.Series | pd.DataFrame | np.ndarray) -> bool:

@@ -29,11 +29,13 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `analysis` and `tune_cifar` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dataclasses import dataclass
+
 import optuna
 import pandas as pd
 import yaml
 from matplotlib.figure import Figure
-from optuna.distributions import IntDistribution
+from optuna.distributions import CategoricalDistribution, IntDistribution
 
 from analysis import search_views
 from analysis._study import (
@@ -50,13 +52,14 @@ from analysis._study import (
     pct,
     save,
 )
-from tune_cifar import cli
+from tune_cifar import cli, spaces
 from tune_cifar import config as cfg
 from tune_cifar.errors import UsageError
+from tune_cifar.search import SPACE_COPY
 from tune_cifar.tables import read_table
 
 REPO = Path(__file__).resolve().parents[1]
-MIN_TRIALS_FOR_IMPORTANCE = 5
+MIN_TRIALS_FOR_IMPORTANCE = 20  # fewer trials at one budget give a ranking that is mostly noise
 CIFAR10_TRAIN_IMAGES = 50_000  # train + validation: what a final retrain on the full data trains on
 
 
@@ -72,26 +75,33 @@ def leaderboard(study: Study, top: int = 10) -> pd.DataFrame:
 
 
 def factor_table(study: Study, factor: str) -> pd.DataFrame:
-    """Per level of ``factor``: trials, best and median best validation accuracy, the best trial.
+    """Per budget and level of ``factor``: trials, mean ± std and best validation accuracy.
 
-    Trials where the factor is inactive (null: ``activation`` of a VGG-A) are left out, not
-    pooled into a fake level.
+    A trial counts at every budget it reached, with its accuracy after exactly that many
+    epochs, so no number mixes trials of different budgets (ASHA's first rung holds every
+    finished trial, the next only the survivors). Trials where the factor is inactive (null:
+    ``activation`` of a VGG-A) are left out, not pooled into a fake level.
     """
-    finished = study.require_finished()
-    active = finished[finished[factor].notna()]
     rows = []
-    for level, group in active.groupby(active[factor].map(native), sort=False):
-        best = group.loc[group["best_val_acc"].idxmax()]
-        rows.append(
-            {
-                factor: level,
-                "trials": len(group),
-                "best_val_acc": best["best_val_acc"],
-                "median_val_acc": group["best_val_acc"].median(),
-                "best_trial": best["trial_id"],
-            }
-        )
-    return pd.DataFrame(rows).sort_values("best_val_acc", ascending=False, ignore_index=True)
+    for epochs in study.budgets():
+        at = study.at_budget(epochs)
+        active = at[at[factor].notna()]
+        for level, group in active.groupby(active[factor].map(native), sort=False):
+            best = group.iloc[0]  # at_budget sorts best first
+            rows.append(
+                {
+                    "epochs": epochs,
+                    factor: level,
+                    "trials": len(group),
+                    "mean_val_acc": group["val_acc"].mean(),
+                    "std_val_acc": group["val_acc"].std(ddof=1),  # NaN for a single trial
+                    "best_val_acc": best["val_acc"],
+                    "best_trial": best["trial_id"],
+                }
+            )
+    columns = ["epochs", factor, "trials", "mean_val_acc", "std_val_acc", "best_val_acc", "best_trial"]
+    table = pd.DataFrame(rows, columns=columns)
+    return table.sort_values(["epochs", "mean_val_acc"], ascending=[True, False], ignore_index=True)
 
 
 def shown_leaderboard(board: pd.DataFrame) -> pd.DataFrame:
@@ -101,11 +111,18 @@ def shown_leaderboard(board: pd.DataFrame) -> pd.DataFrame:
 
 
 def shown_factor_table(table: pd.DataFrame, factor: str) -> pd.DataFrame:
-    return table.assign(
-        **{
+    spread = [
+        pct(mean) if pd.isna(std) else f"{pct(mean)} ± {100 * std:.2f}"
+        for mean, std in zip(table["mean_val_acc"], table["std_val_acc"], strict=True)
+    ]
+    return pd.DataFrame(
+        {
+            "epochs": table["epochs"],
             factor: table[factor].map(fmt),
-            "best_val_acc": table["best_val_acc"].map(pct),
-            "median_val_acc": table["median_val_acc"].map(pct),
+            "trials": table["trials"],
+            "val acc mean ± std": spread,
+            "best": table["best_val_acc"].map(pct),
+            "best trial": table["best_trial"],
         }
     )
 
@@ -123,105 +140,165 @@ def distribution(key: str, values: pd.Series) -> optuna.distributions.BaseDistri
     return optuna.distributions.FloatDistribution(float(low), float(high), log=log)
 
 
-def optuna_study(study: Study) -> tuple[optuna.Study, dict[str, optuna.distributions.BaseDistribution]]:
-    """The finished trials as an in-memory Optuna study (value = best validation accuracy).
+def search_distributions(study: Study) -> dict[str, optuna.distributions.BaseDistribution] | None:
+    """The distributions Optuna sampled from, read from the study's copy of its space file.
+
+    The same ones the persisted study (``optuna.db``) holds, so an importance computed here
+    equals ``optuna.importance`` on that study. None for a folder without one (a single run).
+    """
+    path = study.folder / SPACE_COPY
+    if not path.is_file():
+        return None
+    space = spaces.load(path)
+    found = {key: spec.to_optuna() for key, spec in space.params.items()}
+    return found | {key: CategoricalDistribution(list(values)) for key, values in space.grid.items()}
+
+
+def optuna_study(at: pd.DataFrame, distributions: dict[str, optuna.distributions.BaseDistribution]) -> optuna.Study:
+    """Trials at one budget as an in-memory Optuna study (value = validation accuracy after it).
 
     An inactive parameter (null) is simply absent from that trial's params, which is how a
     define-by-run search records it and how PED-ANOVA's conditional regimes expect it.
     """
-    finished = study.require_finished()
-    spaces = {key: distribution(key, finished[key]) for key in study.varying()}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     frozen = []
-    for _, row in finished.iterrows():
-        params = {key: native(row[key]) for key in spaces if not pd.isna(row[key])}
+    for _, row in at.iterrows():
+        params = {key: native(row[key]) for key in distributions if not pd.isna(row[key])}
         # an int column with nulls reads back as float; IntDistribution wants ints
-        params = {key: int(v) if isinstance(spaces[key], IntDistribution) else v for key, v in params.items()}
+        params = {key: int(v) if isinstance(distributions[key], IntDistribution) else v for key, v in params.items()}
         frozen.append(
             optuna.trial.create_trial(
-                value=float(row["best_val_acc"]),
+                value=float(row["val_acc"]),
                 params=params,
-                distributions={key: spaces[key] for key in params},
+                distributions={key: distributions[key] for key in params},
                 user_attrs={"trial_id": row["trial_id"]},
             )
         )
-    result = optuna.create_study(direction="maximize", study_name=study.name)
+    result = optuna.create_study(direction="maximize")
     result.add_trials(frozen)
-    return result, spaces
+    return result
 
 
-def importance(study: Study) -> pd.Series | str:
-    """PED-ANOVA importance of each varying hyperparameter for reaching the top trials, or why not.
+@dataclass(frozen=True)
+class Importance:
+    """A ranking of hyperparameters and the sentence that says what it rests on (or why there is none)."""
 
-    PED-ANOVA (Watanabe et al. 2023) needs no scikit-learn and handles conditional parameters
-    by regime. Its default top quantile (10%) holds fewer than three trials in a small study,
-    so the quantile grows to at least three trials (at most half of them).
-    ASHA-stopped trials count with their best accuracy before the stop: ASHA stopped them for
-    ranking low at a rung, which is the ranking PED-ANOVA looks at.
+    scores: pd.Series | None
+    statement: str
+    basis: str = ""  # the short form for a figure title: budget and trial count
+
+
+def importance_quantile(trials: int) -> float:
+    """PED-ANOVA's top quantile: its default 10%, grown so that the top holds at least three trials."""
+    return max(0.1, 3 / trials)
+
+
+def importance(study: Study, min_trials: int = MIN_TRIALS_FOR_IMPORTANCE) -> Importance:
+    """PED-ANOVA importance for reaching the top trials, at one equal budget.
+
+    The budget is the longest at which at least ``min_trials`` finished trials arrived (ASHA's
+    first rung in a short study); the value of each trial is its validation accuracy after
+    that many epochs. PED-ANOVA (Watanabe et al. 2023) needs no scikit-learn and handles
+    conditional parameters by regime. With fewer trials a ranking is noise, and is not drawn.
     """
-    finished = study.require_finished()
-    if len(finished) < MIN_TRIALS_FOR_IMPORTANCE:
-        return f"skipped: {len(finished)} finished trials, importance needs at least {MIN_TRIALS_FOR_IMPORTANCE}"
-    optuna_run, spaces = optuna_study(study)
-    if not spaces:
-        return "skipped: every hyperparameter took a single value"
-    quantile = min(0.5, max(0.1, 3 / len(finished)))
+    at_budgets = [(epochs, study.at_budget(epochs)) for epochs in study.budgets()]
+    usable = [(epochs, at) for epochs, at in at_budgets if len(at) >= min_trials]
+    if not usable:
+        most = max((len(at) for _, at in at_budgets), default=0)
+        return Importance(
+            None,
+            f"Not computed: at most {most} finished trials share a budget, and a ranking from fewer than "
+            f"{min_trials} is noise.",
+        )
+    epochs, at = usable[-1]
+    distributions = search_distributions(study) or {key: distribution(key, at[key]) for key in study.varying(at)}
+    params = [key for key in distributions if at[key].notna().any()]
+    if not params or not study.varying(at):
+        return Importance(None, "Not computed: every hyperparameter took a single value.")
+    quantile = importance_quantile(len(at))
     evaluator = optuna.importance.PedAnovaImportanceEvaluator(target_quantile=quantile)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        scores = optuna.importance.get_param_importances(optuna_run, evaluator=evaluator, params=list(spaces))
-    return pd.Series(scores, name="importance").sort_values(ascending=False)
+        scores = optuna.importance.get_param_importances(
+            optuna_study(at, distributions), evaluator=evaluator, params=params
+        )
+    statement = (
+        f"PED-ANOVA (`optuna.importance.PedAnovaImportanceEvaluator(target_quantile={quantile:.3g})`) on the "
+        f"validation accuracy after {epochs} epochs of the {len(at)} finished trials that ran at least that long; "
+        "it measures how much each parameter's distribution among the top trials differs from all trials."
+    )
+    basis = f"after {epochs} epochs, {len(at)} trials, target quantile {quantile:.3g}"
+    return Importance(pd.Series(scores, name="importance").sort_values(ascending=False), statement, basis)
 
 
 # -- Pareto front ------------------------------------------------------------------------------
-def pareto_front(study: Study) -> pd.DataFrame:
-    """Finished trials no other trial beats on both validation accuracy (higher) and MACs (lower)."""
-    finished = study.require_finished().dropna(subset=["macs"])
-    ordered = finished.sort_values(["macs", "best_val_acc"], ascending=[True, False])
+def pareto_front(study: Study) -> tuple[int, pd.DataFrame]:
+    """The full budget, and the trials that ran it which no other beats on both accuracy and MACs.
+
+    Accuracy is the validation accuracy after the longest budget any finished trial ran, so the
+    front compares trials at equal epochs; ASHA-stopped trials are not on it.
+    """
+    epochs = study.budgets()[-1] if study.budgets() else 0
+    at = study.at_budget(epochs).dropna(subset=["macs"])
+    ordered = at.sort_values(["macs", "val_acc"], ascending=[True, False])
     front, best = [], -math.inf
     for index, row in ordered.iterrows():
-        if row["best_val_acc"] > best:
+        if row["val_acc"] > best:
             front.append(index)
-            best = row["best_val_acc"]
-    return ordered.loc[front]
+            best = row["val_acc"]
+    return epochs, ordered.loc[front]
 
 
 def plot_pareto(study: Study) -> Figure:
-    finished = study.require_finished().dropna(subset=["macs"])
-    front = pareto_front(study)
+    epochs, front = pareto_front(study)
+    at = study.at_budget(epochs).dropna(subset=["macs"])
+    stopped = study.finished[(study.finished["epochs_run"] < epochs)].dropna(subset=["macs"])
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.subplots()
-    ax.scatter(finished["macs"], 100 * finished["best_val_acc"], color="tab:grey", alpha=0.6, label="trial")
-    ax.step(front["macs"], 100 * front["best_val_acc"], where="post", color="tab:red", lw=1.5)
-    ax.scatter(front["macs"], 100 * front["best_val_acc"], color="tab:red", zorder=3, label="Pareto front")
+    if not stopped.empty:
+        last = study.table("epochs").set_index(["trial_id", "epoch"])["val_acc"]
+        values = [last.get((row.trial_id, int(row.epochs_run))) for row in stopped.itertuples()]
+        ax.scatter(
+            stopped["macs"],
+            100 * pd.Series(values, dtype=float),
+            color="tab:orange",
+            marker="X",
+            alpha=0.5,
+            label=f"stopped by ASHA before {epochs} epochs (at its last epoch; not comparable)",
+        )
+    ax.scatter(at["macs"], 100 * at["val_acc"], color="tab:grey", alpha=0.7, label=f"trial that ran {epochs} epochs")
+    ax.step(front["macs"], 100 * front["val_acc"], where="post", color="tab:red", lw=1.5)
+    ax.scatter(front["macs"], 100 * front["val_acc"], color="tab:red", zorder=3, label="Pareto front")
     for row in front.itertuples():
         ax.annotate(
             str(row.trial_id),
-            (row.macs, 100 * row.best_val_acc),
+            (row.macs, 100 * row.val_acc),
             textcoords="offset points",
             xytext=(4, -10),
             fontsize="x-small",
         )
     ax.set_xscale("log")
     ax.set(
-        title="Validation accuracy against compute (up and left is better)",
+        title=f"Validation accuracy after {epochs} epochs against compute (up and left is better)",
         xlabel="multiply-accumulates per 32×32 image (MACs, log scale)",
-        ylabel="best validation accuracy (%)",
+        ylabel=f"validation accuracy after {epochs} epochs (%)",
     )
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(fontsize="small")
     return fig
 
 
-def plot_importance(scores: pd.Series) -> Figure:
-    fig = Figure(figsize=(6.5, 0.35 * len(scores) + 1.4), layout="constrained")
+def plot_importance(result: Importance) -> Figure:
+    scores = result.scores
+    fig = Figure(figsize=(6.5, 0.35 * len(scores) + 1.6), layout="constrained")
     ax = fig.subplots()
     ax.barh(scores.index[::-1], scores.to_numpy()[::-1], color="tab:blue")
     ax.set(
-        title="Hyperparameter importance (PED-ANOVA, reaching the top trials)",
-        xlabel="importance (normalised, sums to 1)",
+        title="Hyperparameter importance for reaching the top trials\n" + result.basis,
+        xlabel="importance (PED-ANOVA, normalised to sum to 1)",
         ylabel="hyperparameter",
     )
+    ax.title.set_fontsize("small")
     ax.grid(alpha=0.3, axis="x")
     return fig
 
@@ -318,7 +395,8 @@ def summary_lines(study: Study) -> list[str]:
         f"- data: {', '.join(sorted(trials['data'].dropna().astype(str).unique())) or '–'}; "
         f"training images per trial: {', '.join(fmt(v) for v in sorted(trials['train_images'].dropna().unique()))}",
         f"- epochs trained: {used:,} of {budget:,} without early stopping ({used / budget:.0%})" if budget else "",
-        f"- best trial `{finished.iloc[0]['trial_id']}`: {pct(finished.iloc[0]['best_val_acc'])} validation accuracy",
+        f"- best trial `{finished.iloc[0]['trial_id']}`: {pct(finished.iloc[0]['best_val_acc'])} validation accuracy "
+        f"(epoch {fmt(finished.iloc[0]['best_epoch'])} of the {fmt(finished.iloc[0]['epochs_run'])} it ran)",
         f"- trial wall time: {duration(trials['wall_s'].sum())} in all (summed over trials)",
     ]
     return [line for line in lines if line]
@@ -328,60 +406,86 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
-def write_report(study: Study, top: int = 10, retrained: dict[str, Any] | None = None) -> Path:
+def write_report(
+    study: Study,
+    top: int = 10,
+    retrained: dict[str, Any] | None = None,
+    min_importance_trials: int = MIN_TRIALS_FOR_IMPORTANCE,
+) -> Path:
     """Write ``analysis/report.md`` and its PNGs; returns the report's path."""
     out = study.out_dir()
-    parts = ["# Study report: best configuration", "", *summary_lines(study), ""]
+    ranking = importance(study, min_importance_trials)
+    parts = [
+        "# Study report: best configuration",
+        "",
+        *summary_lines(study),
+        "",
+        *leaderboard_section(study, top),
+        *factor_section(study),
+        *importance_section(ranking, out),
+        *pareto_section(study, out),
+        *search_section(study, ranking, out),
+        *retrain_section(study, retrained or retrain_result(study)),
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(parts))
+    return path
 
+
+def leaderboard_section(study: Study, top: int) -> list[str]:
     board = leaderboard(study, top)
-    parts += [
+    return [
         f"## Leaderboard (top {len(board)} by best validation accuracy)",
+        "",
+        "Each row's accuracy rests on its own `epochs_run`: a trial ASHA stopped early ran fewer epochs.",
         "",
         markdown_table(shown_leaderboard(board)),
         "",
     ]
 
-    parts += [
+
+def factor_section(study: Study) -> list[str]:
+    parts = [
         "## Factors",
         "",
-        "Per level: finished trials, best and median best validation accuracy "
-        "(trials where the factor is inactive are left out).",
+        "Per budget and level: validation accuracy after exactly `epochs` epochs, mean ± sample standard "
+        "deviation over the `trials` that ran at least that long, and the best of them. A trial counts at "
+        "every budget it reached (ASHA's first rung holds every finished trial, later ones only its survivors), "
+        "so no number mixes budgets; compare levels only within one budget. Trials where the factor is inactive "
+        "are left out.",
         "",
     ]
     for factor in factors(study.require_finished()):
         parts += [f"### {factor}", "", markdown_table(shown_factor_table(factor_table(study, factor), factor)), ""]
+    return parts
 
-    parts += ["## Hyperparameter importance", ""]
-    scores = importance(study)
-    if isinstance(scores, str):
-        parts += [f"Importance {scores}.", ""]
-    else:
-        save(plot_importance(scores), out / "importance.png")
+
+def importance_section(ranking: Importance, out: Path) -> list[str]:
+    parts = ["## Hyperparameter importance", "", ranking.statement, ""]
+    if ranking.scores is not None:
+        save(plot_importance(ranking), out / "importance.png")
         table = pd.DataFrame(
-            {"hyperparameter": scores.index, "importance": scores.map(lambda v: f"{v:.3f}").to_numpy()}
+            {"hyperparameter": ranking.scores.index, "importance": ranking.scores.map(lambda v: f"{v:.3f}").to_numpy()}
         )
-        parts += [
-            "PED-ANOVA over the finished trials (how much each parameter's distribution differs "
-            "between the top trials and all trials).",
-            "",
-            "![importance](importance.png)",
-            "",
-            markdown_table(table),
-            "",
-        ]
+        parts += ["![importance](importance.png)", "", markdown_table(table), ""]
+    return parts
 
-    front = pareto_front(study)
+
+def pareto_section(study: Study, out: Path) -> list[str]:
+    epochs, front = pareto_front(study)
     save(plot_pareto(study), out / "pareto.png")
     front_table = pd.DataFrame(
         {
             "trial_id": front["trial_id"],
             "macs": front["macs"].map(fmt),
             "params": front["params"].map(fmt),
-            "best_val_acc": front["best_val_acc"].map(pct),
+            f"val acc after {epochs} epochs": front["val_acc"].map(pct),
         }
     )
-    parts += [
-        "## Pareto front: validation accuracy against MACs",
+    return [
+        f"## Pareto front: validation accuracy after {epochs} epochs against MACs",
+        "",
+        f"Only trials that ran {epochs} epochs are on the front; ASHA-stopped trials are drawn as crosses.",
         "",
         "![pareto](pareto.png)",
         "",
@@ -389,47 +493,51 @@ def write_report(study: Study, top: int = 10, retrained: dict[str, Any] | None =
         "",
     ]
 
+
+def search_section(study: Study, ranking: Importance, out: Path) -> list[str]:
     save(search_views.plot_learning_curves(study, top=5), out / "learning_curves.png")
     save(search_views.plot_asha(study), out / "asha.png")
-    parts += ["## The search", "", "![learning curves](learning_curves.png)", "", "![asha](asha.png)", ""]
+    parts = ["## The search", "", "![learning curves](learning_curves.png)", "", "![asha](asha.png)", ""]
     if len(study.varying()) >= 1:
-        save(search_views.plot_parallel_coordinates(study, params=by_importance(study, scores)), out / "parallel.png")
+        save(search_views.plot_parallel_coordinates(study, params=by_importance(study, ranking)), out / "parallel.png")
         parts += ["![parallel coordinates](parallel.png)", ""]
+    return parts
 
-    retrained = retrained or retrain_result(study)
-    parts += ["## Retrain on train + validation, tested once", ""]
-    if retrained:
-        parts += [
-            f"Trial `{retrained['source_trial']}` ({pct(retrained['source_best_val_acc'])} validation) retrained for "
-            f"{retrained['epochs']} epochs on {retrained['train_images']:,} images ({retrained['data']}):",
-            "",
-            f"- **test accuracy {pct(retrained['test_acc'])}** (test loss {retrained['test_loss']:.4f})",
-            f"- source report: {pct(retrained['reference_test_acc'])} "
-            f"({100 * retrained['difference_to_reference']:+.2f} points"
-            + (
-                ")"
-                if retrained["data"] == "cifar10" and retrained["train_images"] == CIFAR10_TRAIN_IMAGES
-                else f"; not comparable: the report trained on all {CIFAR10_TRAIN_IMAGES:,} CIFAR-10 training images)"
-            ),
-            "- weights and tables: `retrain/`",
-            "",
-        ]
-    else:
-        parts += [
+
+def retrain_section(study: Study, retrained: dict[str, Any] | None) -> list[str]:
+    parts = ["## Retrain on train + validation, tested once", ""]
+    if not retrained:
+        return [
+            *parts,
             f"Not run yet: `python analysis/best_config.py {study.folder} --retrain` "
             f"(the source report reached {pct(REFERENCE_TEST_ACC)} test accuracy).",
             "",
         ]
-    path = out / "report.md"
-    path.write_text("\n".join(parts))
-    return path
+    comparable = retrained["data"] == "cifar10" and retrained["train_images"] == CIFAR10_TRAIN_IMAGES
+    return [
+        *parts,
+        f"Trial `{retrained['source_trial']}` ({pct(retrained['source_best_val_acc'])} validation) retrained for "
+        f"{retrained['epochs']} epochs on {retrained['train_images']:,} images ({retrained['data']}):",
+        "",
+        f"- **test accuracy {pct(retrained['test_acc'])}** (test loss {retrained['test_loss']:.4f})",
+        f"- source report: {pct(retrained['reference_test_acc'])} "
+        f"({100 * retrained['difference_to_reference']:+.2f} points"
+        + (
+            ")"
+            if comparable
+            else f"; not comparable: the report trained on all {CIFAR10_TRAIN_IMAGES:,} CIFAR-10 training images)"
+        ),
+        "- weights and tables: `retrain/`",
+        "",
+    ]
 
 
-def by_importance(study: Study, scores: pd.Series | str) -> list[str]:
+def by_importance(study: Study, ranking: Importance) -> list[str]:
     varying = study.varying()
-    if isinstance(scores, str):
+    if ranking.scores is None:
         return varying
-    return [key for key in scores.index if key in varying] + [key for key in varying if key not in scores.index]
+    ranked = [key for key in ranking.scores.index if key in varying]
+    return ranked + [key for key in varying if key not in ranked]
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -437,6 +545,12 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     parser = cli.ArgumentParser(prog="python analysis/best_config.py", description=__doc__.splitlines()[0])
     parser.add_argument("study_dir", help="the study folder (holds trials/, epochs/, layers/)")
     parser.add_argument("--top", type=int, default=10, help="trials in the leaderboard (default 10)")
+    parser.add_argument(
+        "--min-importance-trials",
+        type=int,
+        default=MIN_TRIALS_FOR_IMPORTANCE,
+        help=f"trials one budget needs before importance is ranked (default {MIN_TRIALS_FOR_IMPORTANCE})",
+    )
     parser.add_argument("--retrain", action="store_true", help="retrain the best config on train+val and test it once")
     parser.add_argument("--epochs", type=int, help="retrain epochs (default: the best trial's configured epochs)")
     parser.add_argument("--data", choices=("cifar10", "synthetic"), help="retrain data (default: the study's)")
@@ -448,6 +562,8 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     args = parser.parse_args(argv)
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
+    if args.min_importance_trials < 2:
+        raise UsageError(f"--min-importance-trials must be at least 2, got {args.min_importance_trials}")
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
     if not args.retrain and any(
@@ -467,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         retrained = retrain(
             study, args.epochs, data=args.data, subset=args.subset, val_size=args.val_size, data_dir=args.data_dir
         )
-    path = write_report(study, top=args.top, retrained=retrained)
+    path = write_report(study, top=args.top, retrained=retrained, min_importance_trials=args.min_importance_trials)
     board = leaderboard(study, min(args.top, 5))
     top = board.iloc[0]
     print(f"best: {top['trial_id']} {pct(top['best_val_acc'])} ({top['config'] or 'no hyperparameter varied'})")

@@ -32,52 +32,40 @@ from matplotlib.figure import Figure
 
 from analysis._study import (
     Study,
-    config_of,
     describe,
     factors,
     fmt,
     load_study,
     markdown_table,
-    natural_key,
     pct,
     save,
 )
 from tune_cifar import cli
 from tune_cifar.errors import UsageError
-from tune_cifar.telemetry import worst_health
+from tune_cifar.tables import EXPLODING_GRAD_L2, VANISHING_GRAD_L2
 
 BAD = ("vanishing", "exploding")
 
 
-def weight_layers(trial: pd.Series, names: Sequence[str]) -> list[str]:
+def weight_layers(layers: pd.DataFrame) -> list[str]:
     """The conv and linear weight tensors in forward order: the layers the first report plotted.
 
-    The ``layers`` table is sorted by name (``classifier.*`` before ``features.*``), so the
-    network's order comes from rebuilding the trial's model; biases and BN scales are left out.
-    Names the model does not know (an older model definition) fall back to natural sort order.
+    Read from the ``layers`` table alone: ``layer_index`` is the forward order and ``kind``
+    tells kernels and matrices (``weight``) from biases and BN parameters.
     """
-    from torch import nn  # here, not at the top: the rest of the script runs without importing torch
-
-    from tune_cifar.models import build_model
-
-    model = build_model(config_of(trial))
-    order = [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
-    present = set(names)
-    picked = [name for name in order if name in present]
-    if picked:
-        return picked
-    return sorted((n for n in present if n.endswith("weight") and "bn" not in n and "norm" not in n), key=natural_key)
+    weights = layers[layers["kind"] == "weight"]
+    return list(weights.sort_values("layer_index")["layer"].drop_duplicates())
 
 
 def flow_matrix(study: Study, trial_id: str, column: str) -> pd.DataFrame:
     """``column`` of the ``layers`` table as a layer × epoch matrix, layers in forward order."""
-    trial = study.trial(trial_id)
+    study.trial(trial_id)
     rows = study.table("layers")
     rows = rows[rows["trial_id"] == trial_id]
     if rows.empty:
         raise UsageError(f"{study.folder}: trial {trial_id!r} has no rows in the layers table")
     matrix = rows.pivot(index="layer", columns="epoch", values=column)
-    return matrix.loc[weight_layers(trial, list(matrix.index))]
+    return matrix.loc[weight_layers(rows)]
 
 
 def short_name(layer: str) -> str:
@@ -142,25 +130,22 @@ def health_table(study: Study) -> pd.DataFrame:
     rows = []
     for _, trial in trials.iterrows():
         flagged = layers[(layers["trial_id"] == trial["trial_id"]) & layers["health"].isin(BAD)]
-        weights = flagged[flagged["layer"].isin(weight_layers(trial, list(flagged["layer"].unique())))]
         rows.append(
             {
                 "trial_id": trial["trial_id"],
                 "grad_health": trial["grad_health"],
-                "weights_health": worst_health(list(weights["health"])),
                 "status": trial["status"],
                 "best_val_acc": trial["best_val_acc"],
                 "vanishing layer-epochs": int((flagged["health"] == "vanishing").sum()),
                 "exploding layer-epochs": int((flagged["health"] == "exploding").sum()),
                 "first epoch": int(flagged["epoch"].min()) if not flagged.empty else None,
-                "layers": ", ".join(sorted(flagged["layer"].unique(), key=natural_key)[:4]),
+                "layers": ", ".join(weight_layers(flagged)[:4] or sorted(flagged["layer"].unique())[:4]),
                 "config": describe(trial, keys),
             }
         )
     columns = [
         "trial_id",
         "grad_health",
-        "weights_health",
         "status",
         "best_val_acc",
         "vanishing layer-epochs",
@@ -190,6 +175,19 @@ def health_by_factor(study: Study) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["factor", "level", "trials", "vanishing", "exploding"])
 
 
+def health_sentence(study: Study, bad: pd.DataFrame) -> str:
+    """What the ``health`` flags say, in the words of the rule that set them (one rule, one text)."""
+    vanishing = int((bad["grad_health"] == "vanishing").sum())
+    exploding = int((bad["grad_health"] == "exploding").sum())
+    return (
+        f"{vanishing} of {len(study.trials)} trials had vanishing gradients in a weight tensor (a conv kernel or "
+        f"linear matrix whose epoch-averaged gradient L2 norm fell below {VANISHING_GRAD_L2:g}) and {exploding} had "
+        f"exploding gradients in some tensor (above {EXPLODING_GRAD_L2:g}, or not finite). Biases and BN "
+        "parameters are not judged for vanishing: a conv bias followed by batch norm has a zero gradient by "
+        "construction (BN subtracts the mean it adds)."
+    )
+
+
 def write_report(study: Study, trial_id: str) -> Path:
     out = study.out_dir()
     save(plot_gradient_flow(study, trial_id), out / f"gradient_flow_{trial_id}.png")
@@ -204,11 +202,7 @@ def write_report(study: Study, trial_id: str) -> Path:
         "",
         "## Gradient health across the study",
         "",
-        f"{len(bad)} of {len(study.trials)} trials had vanishing or exploding gradients in some parameter tensor and "
-        "epoch (epoch-averaged gradient L2 norm below 1e-7 or above 1e3, or not finite); "
-        f"{(bad['weights_health'] != 'ok').sum()} of them in a conv or linear weight. `grad_health` is the flag the "
-        "trial recorded over all tensors; `weights_health` looks at conv and linear weights only, because a conv "
-        "bias followed by batch norm gets a near-zero gradient by construction (BN subtracts the mean it adds).",
+        health_sentence(study, bad),
         "",
     ]
     if not bad.empty:
@@ -234,10 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = write_report(study, trial_id)
     bad = health_table(study)
     print(f"trial {trial_id}: figures in {path.parent}")
-    in_weights = bad[bad["weights_health"] != "ok"]
     print(
-        f"{len(bad)} of {len(study.trials)} trials with vanishing or exploding gradients, {len(in_weights)} in conv or"
-        " linear weights" + "".join(f"\n  {r.trial_id}: {r.grad_health} in {r.layers}" for r in bad.itertuples())
+        health_sentence(study, bad)
+        + "".join(f"\n  {r.trial_id}: {r.grad_health} in {r.layers}" for r in bad.itertuples())
     )
     print(f"report: {path}")
     return 0

@@ -21,6 +21,7 @@ from analysis import _study, best_config, bn_landscape, gradient_flow, search_vi
 from tune_cifar import cli  # noqa: E402
 from tune_cifar import config as cfg  # noqa: E402
 from tune_cifar.tables import TrialRecord  # noqa: E402
+from tune_cifar.telemetry import layer_health  # noqa: E402
 
 # -- fabricated studies: consistent rows written with the project's own TrialRecord ---------------
 LAYERS = {  # name -> numel, as the conditioned CNN names its parameters (features before classifier)
@@ -194,11 +195,13 @@ def _layer_rows(trial: dict[str, Any], epoch: int) -> list[dict[str, Any]]:
         grad_l2 = grad * math.sqrt(numel)
         weight_l2 = 0.05 * math.sqrt(numel) * (1 + 0.05 * epoch)
         update_l2 = weight_l2 * 0.1 / epoch
-        health = "vanishing" if grad_l2 < 1e-7 else "exploding" if grad_l2 > 1e3 else "ok"
+        kind = "norm" if ".bn" in name else "weight" if name.endswith("weight") else "bias"
         rows.append(
             {
                 "epoch": epoch,
                 "layer": name,
+                "layer_index": depth,
+                "kind": kind,
                 "numel": numel,
                 "grad_mean_abs": grad,
                 "grad_max_abs": 8 * grad,
@@ -206,7 +209,7 @@ def _layer_rows(trial: dict[str, Any], epoch: int) -> list[dict[str, Any]]:
                 "weight_l2": weight_l2,
                 "update_l2": update_l2,
                 "update_ratio": update_l2 / weight_l2,
-                "health": health,
+                "health": layer_health(grad_l2, kind),
             }
         )
     return rows
@@ -234,6 +237,7 @@ def make_fake_study(root: Path, trials: list[dict[str, Any]] = FAKE_TRIALS) -> P
                     "val_loss": 2.3 * (1 - 0.55 * val),
                     "val_acc": val,
                     "lr": config.lr,
+                    "lr_last": config.lr,
                     "seconds": 10.0,
                     "images_per_s": 900.0,
                 }
@@ -386,7 +390,7 @@ def bn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tune_cifar.engine import Trainer
 
     folder = tmp_path_factory.mktemp("bn") / "bn_study"
-    splits = load_splits("synthetic", val_size=2000, subset=640)
+    splits = load_splits("synthetic", val_size=128, subset=640)
     for bn in (True, False):
         for lr in (2e-3, 1e-4):
             config = cfg.TrainConfig(
@@ -467,24 +471,45 @@ def test_smoke_study_has_asha_stops(smoke_dir: Path) -> None:
     assert {"optimizer", "loss", "scheduler"} <= set(_study.factors(finished(smoke_dir)))
 
 
+def at_budget(folder: Path, epochs: int) -> pd.DataFrame:
+    """Finished trials that ran ``epochs`` epochs or more, with their val_acc after exactly that many (from Parquet)."""
+    done = finished(folder)
+    rows = parquet(folder, "epochs")
+    values = rows[rows["epoch"] == epochs].set_index("trial_id")["val_acc"]
+    reached = done[done["epochs_run"] >= epochs]
+    return reached.assign(val_acc=reached["trial_id"].map(values))
+
+
+def budgets(folder: Path) -> list[int]:
+    return sorted(int(e) for e in finished(folder)["epochs_run"].unique())
+
+
 @pytest.mark.parametrize("which", ["smoke_dir", "fake_dir"])
-def test_factor_tables_match_parquet(which: str, request: pytest.FixtureRequest) -> None:
+def test_factor_tables_compare_trials_at_equal_budgets(which: str, request: pytest.FixtureRequest) -> None:
+    """Every number rests on trials of one budget: the old tables pooled 1-epoch and 3-epoch trials."""
     folder = request.getfixturevalue(which)
     study = _study.load_study(folder)
-    done = finished(folder)
     names = _study.factors(study.finished)
     assert names[: len(_study.MAIN_FACTORS)] == [f for f in _study.MAIN_FACTORS if f in names]
+    assert len(budgets(folder)) >= 2  # ASHA stopped some trials: there is something to keep apart
     for factor in names:
         table = best_config.factor_table(study, factor)
-        active = done[done[factor].notna()]
-        assert table["trials"].sum() == len(active)  # inactive trials are not a level
-        for row in table.itertuples():
-            level = active[active[factor].map(_study.native) == getattr(row, factor)]
-            assert row.trials == len(level)
-            assert row.best_val_acc == level["best_val_acc"].max()
-            assert row.median_val_acc == pytest.approx(level["best_val_acc"].median())
-            assert row.best_trial == level.loc[level["best_val_acc"].idxmax(), "trial_id"]
-        assert list(table["best_val_acc"]) == sorted(table["best_val_acc"], reverse=True)
+        assert sorted(table["epochs"].unique()) == budgets(folder)
+        for epochs, rows in table.groupby("epochs"):
+            at = at_budget(folder, epochs)
+            active = at[at[factor].notna()]
+            assert rows["trials"].sum() == len(active)  # inactive trials are not a level
+            for row in rows.itertuples():
+                level = active[active[factor].map(_study.native) == getattr(row, factor)]
+                assert row.trials == len(level)
+                assert row.mean_val_acc == pytest.approx(level["val_acc"].mean())
+                if len(level) > 1:
+                    assert row.std_val_acc == pytest.approx(level["val_acc"].std(ddof=1))
+                else:
+                    assert pd.isna(row.std_val_acc)
+                assert row.best_val_acc == level["val_acc"].max()
+                assert row.best_trial == level.loc[level["val_acc"].idxmax(), "trial_id"]
+            assert list(rows["mean_val_acc"]) == sorted(rows["mean_val_acc"], reverse=True)
 
 
 def test_fake_factors_cover_grids_and_inactive_levels(fake_dir: Path) -> None:
@@ -493,18 +518,25 @@ def test_fake_factors_cover_grids_and_inactive_levels(fake_dir: Path) -> None:
     assert "batch_size" in names  # a numeric grid (64/128, each tried several times)
     assert "lr" not in names  # sampled continuously
     activation = best_config.factor_table(study, "activation")
-    assert activation["trials"].sum() == 8  # the VGG-A trial has no activation choice: left out
+    first = activation[activation["epochs"] == 1]
+    assert first["trials"].sum() == 8  # the VGG-A trial has no activation choice: left out
+    last = activation[activation["epochs"] == MAX_EPOCHS]
+    assert last["trials"].sum() == 3  # only the trials that ran all 6 epochs (the VGG-A among the four)
 
 
 @pytest.mark.parametrize("which", ["smoke_dir", "fake_dir"])
-def test_pareto_front_is_exactly_the_non_dominated_trials(which: str, request: pytest.FixtureRequest) -> None:
+def test_pareto_front_is_the_non_dominated_trials_of_the_full_budget(
+    which: str, request: pytest.FixtureRequest
+) -> None:
     folder = request.getfixturevalue(which)
-    done = finished(folder)
-    front = best_config.pareto_front(_study.load_study(folder))
+    epochs, front = best_config.pareto_front(_study.load_study(folder))
+    assert epochs == budgets(folder)[-1]
+    done = at_budget(folder, epochs)
+    assert set(front["trial_id"]) <= set(done["trial_id"])  # no ASHA-stopped trial on the front
 
     def dominated(row: pd.Series) -> bool:
-        better = (done["macs"] <= row["macs"]) & (done["best_val_acc"] >= row["best_val_acc"])
-        strictly = (done["macs"] < row["macs"]) | (done["best_val_acc"] > row["best_val_acc"])
+        better = (done["macs"] <= row["macs"]) & (done["val_acc"] >= row["val_acc"])
+        strictly = (done["macs"] < row["macs"]) | (done["val_acc"] > row["val_acc"])
         return bool((better & strictly).any())
 
     on_front = set(front["trial_id"])
@@ -512,39 +544,82 @@ def test_pareto_front_is_exactly_the_non_dominated_trials(which: str, request: p
     assert all(
         dominated(row) or _ties_front(row, front) for _, row in done.iterrows() if row["trial_id"] not in on_front
     )
-    assert done["best_val_acc"].max() == front["best_val_acc"].max()
+    assert done["val_acc"].max() == front["val_acc"].max()
+
+
+def test_pareto_plot_marks_asha_stopped_trials(fake_dir: Path) -> None:
+    ax = best_config.plot_pareto(_study.load_study(fake_dir)).axes[0]
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert any("stopped by ASHA" in label for label in labels)
+    assert f"after {MAX_EPOCHS} epochs" in ax.get_title()
 
 
 def _ties_front(row: pd.Series, front: pd.DataFrame) -> bool:
-    return bool(((front["macs"] == row["macs"]) & (front["best_val_acc"] == row["best_val_acc"])).any())
+    return bool(((front["macs"] == row["macs"]) & (front["val_acc"] == row["val_acc"])).any())
 
 
-def test_importance_covers_varying_params(fake_dir: Path) -> None:
+def test_importance_rests_on_one_budget_and_says_so(fake_dir: Path) -> None:
     study = _study.load_study(fake_dir)
-    scores = best_config.importance(study)
-    assert isinstance(scores, pd.Series)
-    assert set(scores.index) == set(study.varying()) - {"nesterov"}  # nesterov: one value where active
+    ranking = best_config.importance(study, min_trials=5)
+    # budgets hold 9, 7, 6 and 4 finished trials: the longest with at least 5 is 4 epochs
+    assert "after 4 epochs of the 6 finished trials" in ranking.statement and "PedAnova" in ranking.statement
+    scores = ranking.scores
     assert (scores >= 0).all() and scores.sum() == pytest.approx(1.0)
     assert list(scores) == sorted(scores, reverse=True)
+    assert set(scores.index) <= set(study.varying(study.at_budget(4)))
 
 
 def test_importance_optuna_trials_leave_inactive_params_out(fake_dir: Path) -> None:
     study = _study.load_study(fake_dir)
-    optuna_run, spaces = best_config.optuna_study(study)
+    at = study.at_budget(1)
+    distributions = {key: best_config.distribution(key, at[key]) for key in study.varying(at)}
+    optuna_run = best_config.optuna_study(at, distributions)
     vgg = next(t for t in optuna_run.trials if t.user_attrs["trial_id"] == "t08")
     assert "activation" not in vgg.params and "filters" not in vgg.params
-    assert [t.value for t in optuna_run.trials] == list(study.finished["best_val_acc"])
-    assert spaces["lr"].log and spaces["lr"].low == 1e-4 and spaces["lr"].high == 5e-2
+    assert [t.value for t in optuna_run.trials] == list(at["val_acc"])
 
 
-def test_importance_is_skipped_for_few_trials(tmp_path: Path) -> None:
-    folder = make_fake_study(tmp_path, trials=FAKE_TRIALS[:4])
-    scores = best_config.importance(_study.load_study(folder))
-    assert isinstance(scores, str) and "skipped" in scores
+def test_importance_is_not_drawn_from_too_few_trials(fake_dir: Path) -> None:
+    ranking = best_config.importance(_study.load_study(fake_dir))  # 9 trials at most share a budget
+    assert ranking.scores is None and "at most 9 finished trials share a budget" in ranking.statement
+
+
+def test_importance_agrees_with_optuna_on_the_persisted_study(smoke_dir: Path) -> None:
+    """The report's ranking is what ``optuna.importance`` says about ``optuna.db``, same evaluator and trials."""
+    import optuna
+
+    study = _study.load_study(smoke_dir)
+    ranking = best_config.importance(study, min_trials=5)
+    assert ranking.scores is not None
+    epochs = budgets(smoke_dir)[0]  # the smoke study's later budgets hold fewer than 5 trials
+    assert f"after {epochs} epochs of the {len(at_budget(smoke_dir, epochs))} finished" in ranking.statement
+    persisted = optuna.load_study(study_name="smoke", storage=f"sqlite:///{smoke_dir / 'optuna.db'}")
+    finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    same = [
+        optuna.trial.create_trial(value=t.intermediate_values[epochs], params=t.params, distributions=t.distributions)
+        for t in persisted.get_trials(states=finished_states)
+        if epochs in t.intermediate_values
+    ]
+    replay = optuna.create_study(direction="maximize")
+    replay.add_trials(same)
+    quantile = best_config.importance_quantile(len(same))
+    expected = optuna.importance.get_param_importances(
+        replay,
+        evaluator=optuna.importance.PedAnovaImportanceEvaluator(target_quantile=quantile),
+        params=list(ranking.scores.index),
+    )
+    assert len(same) == len(at_budget(smoke_dir, epochs))
+    assert dict(ranking.scores) == pytest.approx(expected)
 
 
 def test_best_config_cli_writes_report_and_plots(smoke_dir: Path) -> None:
-    done = run_script("best_config.py", str(smoke_dir), "--top", "3")
+    default = run_script("best_config.py", str(smoke_dir), "--top", "3")
+    assert default.returncode == 0, default.stderr
+    assert (
+        "Not computed: at most 8 finished trials share a budget" in (smoke_dir / "analysis" / "report.md").read_text()
+    )
+    assert not (smoke_dir / "analysis" / "importance.png").exists()  # no noise drawn
+    done = run_script("best_config.py", str(smoke_dir), "--top", "3", "--min-importance-trials", "5")
     assert done.returncode == 0, done.stderr
     best = finished(smoke_dir).sort_values("best_val_acc", ascending=False).iloc[0]
     report = (smoke_dir / "analysis" / "report.md").read_text()
@@ -621,9 +696,44 @@ def test_health_table_matches_trials_and_layers(fake_dir: Path) -> None:
         flagged = layers[(layers["trial_id"] == trial_id) & (layers["health"] != "ok")]
         assert row["vanishing layer-epochs"] == (flagged["health"] == "vanishing").sum()
         assert row["exploding layer-epochs"] == (flagged["health"] == "exploding").sum()
-    assert table.loc["t04", "weights_health"] == "vanishing" and table.loc["t07", "weights_health"] == "exploding"
+    assert table.loc["t04", "grad_health"] == "vanishing" and table.loc["t07", "grad_health"] == "exploding"
     by_factor = gradient_flow.health_by_factor(study).set_index(["factor", "level"])
     assert by_factor.loc[("batchnorm", "false"), ["trials", "vanishing", "exploding"]].tolist() == [2, 1, 1]
+
+
+def test_health_text_agrees_with_the_health_column(fake_dir: Path, tmp_path: Path) -> None:
+    """The report counts what the flags say: a bias with a near-zero gradient is not "vanishing"."""
+    folder = tmp_path / "study"
+    shutil.copytree(fake_dir, folder)
+    layers = parquet(folder, "layers")
+    tiny = layers[layers["grad_l2"] < 1e-7]
+    assert set(tiny["kind"]) == {"weight", "bias"}  # the fixture has both: conv1's kernel and its bias
+    assert (tiny[tiny["kind"] == "bias"]["health"] == "ok").all()
+    flagged = layers[layers["health"] == "vanishing"]
+    assert set(flagged["kind"]) == {"weight"}
+    study = _study.load_study(folder)
+    gradient_flow.write_report(study, "t00")
+    text = (folder / "analysis" / "gradient_flow.md").read_text()
+    vanishing_trials = flagged["trial_id"].nunique()
+    assert f"{vanishing_trials} of {len(study.trials)} trials had vanishing gradients in a weight tensor" in text
+    assert "some parameter tensor" not in text
+
+
+def test_loss_panel_clips_a_diverged_trial_and_names_it(fake_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "study"
+    shutil.copytree(fake_dir, folder)
+    epochs = parquet(folder, "epochs")
+    diverged = epochs["trial_id"] == "t00"  # the best trial: always among the curves drawn
+    epochs.loc[diverged & (epochs["epoch"] == 3), "val_loss"] = 3517.0
+    shutil.rmtree(folder / "epochs")
+    (folder / "epochs").mkdir()
+    epochs.to_parquet(folder / "epochs" / "part-all.parquet")
+    loss_ax = search_views.plot_learning_curves(_study.load_study(folder), top=5).axes[1]
+    healthy = epochs[~diverged & epochs["trial_id"].isin(_study.load_study(folder).finished["trial_id"].head(5))]
+    top = max(healthy["val_loss"].max(), healthy["train_loss"].max())
+    assert loss_ax.get_ylim()[1] == pytest.approx(1.1 * top)  # the others fill the panel
+    assert "clipped, diverged: #1 t00 (up to 3.52e+03)" in loss_ax.get_title()
+    assert loss_ax.get_legend() is not None
 
 
 def test_gradient_flow_cli(smoke_dir: Path) -> None:
@@ -659,6 +769,7 @@ def _all_running(folder: Path, target: Path) -> Path:
         ("best_config.py", _all_running, [], "no finished trials"),
         ("best_config.py", lambda f, t: _without(f, t / "s", "epochs"), [], "no epochs table"),
         ("best_config.py", lambda f, t: f, ["--top", "0"], "--top must be at least 1"),
+        ("best_config.py", lambda f, t: f, ["--min-importance-trials", "1"], "--min-importance-trials must be at"),
         ("best_config.py", lambda f, t: f, ["--epochs", "3"], "only apply with --retrain"),
         ("best_config.py", lambda f, t: f, ["--bogus"], "unrecognized arguments"),
         ("gradient_flow.py", lambda f, t: f, ["--trial", "no-such-trial"], "no trial 'no-such-trial'"),

@@ -360,7 +360,8 @@ def test_load_splits_cifar10(cifar_dir: Path) -> None:
 
 def test_load_splits_subset(cifar_dir: Path) -> None:
     splits = load_splits("cifar10", data_dir=cifar_dir.parent, val_size=10, subset=50, seed=3, download=False)
-    assert (len(splits.train_y), len(splits.val_y), len(splits.test_y)) == (45, 5, 10)
+    # val_size is the validation count itself, taken out of the 50-image subset, never rescaled
+    assert (len(splits.train_y), len(splits.val_y), len(splits.test_y)) == (40, 10, 10)
     assert np.array_equal(np.bincount(np.concatenate([splits.train_y, splits.val_y])), np.full(10, 5))
     assert np.array_equal(np.bincount(splits.test_y), np.ones(10))
     same = load_splits("cifar10", data_dir=cifar_dir.parent, val_size=10, subset=50, seed=3, download=False)
@@ -380,6 +381,7 @@ def test_load_splits_synthetic_subset() -> None:
         ({"subset": 19}, "subset must be between 20 and 100"),
         ({"subset": 101}, "subset must be between 20 and 100"),
         ({"val_size": 91}, "no training image of class"),  # 100 images, 10 per class
+        ({"subset": 50, "val_size": 50}, "val_size 50 leaves no training image out of the 50-image subset"),
     ],
 )
 def test_load_splits_refuses(cifar_dir: Path, kwargs: dict[str, object], needle: str) -> None:

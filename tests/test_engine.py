@@ -126,3 +126,16 @@ def test_every_vocabulary_choice_trains(splits, changes):
     row = trainer.train_epoch().epoch
     assert math.isfinite(row["train_loss"]) and 0 <= row["val_acc"] <= 1
     assert any(not torch.equal(a, b) for a, b in zip(before, weights(trainer), strict=True))
+
+
+def test_epoch_row_holds_the_rates_the_epoch_trained_with(splits):
+    """``lr`` is the epoch's first step's rate and ``lr_last`` its last step's, never the next epoch's."""
+    config = TrainConfig(**NARROW, epochs=2, lr=0.002, scheduler="cosine", min_lr=1e-6)
+    trainer = Trainer(config, splits)
+    first, second = trainer.train_epoch().epoch, trainer.train_epoch().epoch
+    assert first["lr"] == first["lr_last"] == 0.002  # the old code showed the next epoch's 0.001
+    assert second["lr"] == second["lr_last"] == pytest.approx((0.002 + 1e-6) / 2)  # not the floor it never used
+    warm = Trainer(TrainConfig(**NARROW, epochs=2, lr=0.01, warmup_epochs=1), splits)
+    steps = len(warm.train_loader)
+    row = warm.train_epoch().epoch
+    assert row["lr"] == pytest.approx(0.01 / steps) and row["lr_last"] == pytest.approx(0.01)

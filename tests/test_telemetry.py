@@ -73,11 +73,11 @@ def test_state_dict_resumes_mid_epoch_accumulation():
 
 
 def test_health_flags():
-    assert layer_health(0.5, is_weight=True) == "ok"
-    assert layer_health(1e-9, is_weight=True) == "vanishing"
-    assert layer_health(1e-9, is_weight=False) == "ok"  # a conv bias under BN has zero gradient by design
-    assert layer_health(1e4, is_weight=False) == "exploding"
-    assert layer_health(math.nan, is_weight=True) == "exploding"
+    assert layer_health(0.5, "weight") == "ok"
+    assert layer_health(1e-9, "weight") == "vanishing"
+    assert layer_health(1e-9, "bias") == "ok"  # a conv bias under BN has zero gradient by design
+    assert layer_health(1e4, "norm") == "exploding"
+    assert layer_health(math.nan, "weight") == "exploding"
     assert worst_health(["ok", "exploding", "vanishing"]) == "exploding"
     assert worst_health([]) == "ok"
 
@@ -98,3 +98,20 @@ def test_thop_counts_scale_with_filter_widths():
     narrow, _ = count_macs(build_model(TrainConfig(filters=(8, 16, 32))))
     wide, _ = count_macs(build_model(TrainConfig(filters=(16, 32, 64))))
     assert 2 < wide / narrow < 4.5  # conv MACs grow ~4x with width, the fixed-size head less
+
+
+def test_rows_carry_forward_order_and_tensor_kind():
+    """Analysis orders layers and judges vanishing from these columns alone, without torch."""
+    model = build_model(TrainConfig(filters=(8, 16, 32)))
+    telemetry = Telemetry(model)
+    nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+    telemetry.record_step()
+    rows = telemetry.end_epoch(1)
+    names = [name for name, _ in model.named_parameters()]
+    assert [row["layer"] for row in sorted(rows, key=lambda row: row["layer_index"])] == names
+    kinds = {row["layer"]: row["kind"] for row in rows}
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {kinds[f"{n}.weight"] for n in convs} == {"weight"}
+    assert {kinds[f"{n}.weight"] for n in norms} == {kinds[f"{n}.bias"] for n in norms} == {"norm"}
+    assert {kinds[f"{n}.bias"] for n in convs if f"{n}.bias" in kinds} <= {"bias"}

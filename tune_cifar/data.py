@@ -362,11 +362,11 @@ def load_splits(
 ) -> Splits:
     """The train / validation / test arrays of a study.
 
-    ``val_size`` counts validation images out of the whole training pool; ``None`` holds out a
-    tenth of it (45,000 / 5,000 on CIFAR-10, 9,000 / 1,000 on the synthetic set).
-    ``subset=N`` keeps a stratified sample of N training images, split in the same proportion
-    as the full pool, and a stratified ``max(N // 5, 10)`` test images, so a quick run sees the
-    same class balance as a full one.
+    ``subset=N`` keeps a stratified sample of N of the training images (the pool that is then
+    split into train and validation) and a stratified ``max(N // 5, 10)`` test images, so a
+    quick run sees the same class balance as a full one. ``val_size`` is the exact number of
+    validation images taken out of that pool, never rescaled; ``None`` holds out a tenth of it
+    (45,000 / 5,000 on CIFAR-10, 9,000 / 1,000 on the synthetic set, 576 / 64 of a 640 subset).
     """
     if source == "cifar10":
         folder = default_data_dir(data_dir) / FOLDER
@@ -380,18 +380,20 @@ def load_splits(
     else:
         raise UsageError(f"unknown data source {source!r} (choose from {', '.join(SOURCES)})")
 
-    if val_size is None:
-        val_size = len(train_y) // 10
     if subset is not None:
         pool = len(train_y)
         if not 20 <= subset <= pool:
             raise UsageError(f"subset must be between 20 and {pool} (the training images), got {subset}")
         keep = _stratified_sample(train_y, subset, np.random.default_rng((seed, 1)))
         train_x, train_y = train_x[keep], train_y[keep]
-        val_size = round(subset * val_size / pool)
         keep = _stratified_sample(test_y, min(max(subset // 5, 10), len(test_y)), np.random.default_rng((seed, 2)))
         test_x, test_y = test_x[keep], test_y[keep]
 
+    if val_size is None:
+        val_size = len(train_y) // 10
+    elif val_size >= len(train_y):
+        where = f"the {len(train_y):,}-image subset" if subset is not None else f"{len(train_y):,} training images"
+        raise UsageError(f"val_size {val_size:,} leaves no training image out of {where}; pass a smaller --val-size")
     train, val = stratified_split(train_y, val_size, seed)
     return Splits(train_x[train], train_y[train], train_x[val], train_y[val], test_x, test_y, source)
 

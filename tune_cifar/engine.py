@@ -92,6 +92,7 @@ class Trainer:
         record_steps = config.probe_every > 0
         step_losses = torch.zeros(len(self.train_loader), device=self.device) if record_steps else None
         step_rows: list[dict[str, Any]] = []
+        lr_first = lr = self.schedule.lr
         for i, (images, labels) in enumerate(self.train_loader):
             self.step += 1
             with self.autocast:
@@ -100,6 +101,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.telemetry.record_step()
+            self.schedule.step_batch()  # sets the lr of this step: the probe walks with it too
+            lr = self.schedule.lr
+            if i == 0:
+                lr_first = lr
             row: dict[str, Any] = {}
             if record_steps and self.step % config.probe_every == 0:
                 row = self._probe(images, labels, loss.detach())
@@ -107,8 +112,6 @@ class Trainer:
                 apply_l1(self.decayed, config.l1)
             if config.grad_clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip, foreach=True)
-            self.schedule.step_batch()
-            lr = self.schedule.lr
             self.optimizer.step()
             loss_sum += loss.detach() * labels.size(0)
             correct += (logits.argmax(1) == labels).sum()
@@ -133,7 +136,9 @@ class Trainer:
             "train_acc": correct.item() / images,
             "val_loss": val_loss,
             "val_acc": val_acc,
-            "lr": self.schedule.lr,
+            # the rates this epoch trained with (they differ under warm-up), not the next epoch's
+            "lr": lr_first,
+            "lr_last": lr,
             "seconds": time.perf_counter() - started,
             "images_per_s": images / train_seconds,
         }
@@ -197,6 +202,7 @@ class Trainer:
             "grad_health": worst_health(self.layer_health),
             "data": self.splits.source,
             "train_images": len(self.splits.train_y),
+            "val_images": len(self.splits.val_y),
             "node": platform.node(),
             "device": str(self.device),
         }

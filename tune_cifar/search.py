@@ -344,7 +344,8 @@ def _run(
         )
         print(
             f"study {settings.name}: {settings.num_samples} trials x up to {settings.max_epochs} epochs of "
-            f"{space.name} on {settings.data}, {cpus:g} CPU + {gpus:g} GPU per trial -> {paths.local}",
+            f"{space.name} on {settings.data} ({len(splits.train_y):,} train / {len(splits.val_y):,} validation / "
+            f"{len(splits.test_y):,} test images), {cpus:g} CPU + {gpus:g} GPU per trial -> {paths.local}",
             flush=True,
         )
     results = tuner.fit()

@@ -84,6 +84,17 @@ class Distribution:
             return trial.suggest_float(name, low, high, log=self.kind == "loguniform")
         return trial.suggest_int(name, low, high, log=self.kind == "logint")
 
+    def to_optuna(self) -> Any:
+        """The Optuna distribution :meth:`suggest` samples from (what ``optuna.db`` records)."""
+        import optuna.distributions as od
+
+        if self.kind == "choice":
+            return od.CategoricalDistribution(list(self.values))
+        low, high = self.values
+        if self.kind in ("uniform", "loguniform"):
+            return od.FloatDistribution(low, high, log=self.kind == "loguniform")
+        return od.IntDistribution(low, high, log=self.kind == "logint")
+
     def extremes(self) -> tuple[Any, ...]:
         """The values that must each be a valid setting of the key (all choices, or both bounds)."""
         return self.values

@@ -28,6 +28,12 @@ import pyarrow.parquet as pq
 from tune_cifar import config as cfg
 from tune_cifar.errors import UsageError
 
+# A tensor's ``health`` is flagged when its epoch-averaged gradient L2 norm leaves this band:
+# below it a weight has all but stopped learning, above it (or non-finite) updates blow up.
+VANISHING_GRAD_L2 = 1e-7
+EXPLODING_GRAD_L2 = 1e3
+HEALTH_ORDER = ("ok", "vanishing", "exploding")  # worst last
+
 _ARROW_TYPES = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
 
 
@@ -58,6 +64,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("grad_health", pa.string()),  # ok, vanishing or exploding: worst over all epochs and layers
             ("data", pa.string()),
             ("train_images", pa.int64()),
+            ("val_images", pa.int64()),  # 0 for a retrain on train + validation
             ("node", pa.string()),
             ("device", pa.string()),
             ("wall_s", pa.float64()),
@@ -71,7 +78,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("train_acc", pa.float64()),
             ("val_loss", pa.float64()),
             ("val_acc", pa.float64()),
-            ("lr", pa.float64()),  # at the end of the epoch
+            ("lr", pa.float64()),  # the rate of the epoch's first optimizer step
+            ("lr_last", pa.float64()),  # the rate of its last step (differs from lr under warm-up)
             ("seconds", pa.float64()),  # training + validation wall time
             ("images_per_s", pa.float64()),  # training images per second of training time
         ]
@@ -81,6 +89,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("trial_id", pa.string()),
             ("epoch", pa.int64()),
             ("layer", pa.string()),  # parameter name, e.g. features.conv1.weight
+            ("layer_index", pa.int64()),  # position in the forward order (model.named_parameters), from 0
+            ("kind", pa.string()),  # weight (conv kernel or linear matrix), bias, or norm (BN scale/shift)
             ("numel", pa.int64()),
             ("grad_mean_abs", pa.float64()),  # mean |g| over elements, averaged over the epoch's steps
             ("grad_max_abs", pa.float64()),
@@ -88,7 +98,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("weight_l2", pa.float64()),  # ||W_e||
             ("update_l2", pa.float64()),  # ||W_e - W_{e-1}||
             ("update_ratio", pa.float64()),  # update_l2 / weight_l2
-            ("health", pa.string()),  # ok, vanishing, exploding
+            ("health", pa.string()),  # ok, vanishing (weight tensors only), exploding (any tensor)
         ]
     ),
     "steps": pa.schema(

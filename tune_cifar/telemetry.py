@@ -20,11 +20,7 @@ import thop
 import torch
 from torch import Tensor, nn
 
-# A layer is flagged when its epoch-averaged gradient L2 norm leaves this band: below it the
-# layer has all but stopped learning, above it (or non-finite) updates are blowing up.
-VANISHING_GRAD_L2 = 1e-7
-EXPLODING_GRAD_L2 = 1e3
-HEALTH_ORDER = ("ok", "vanishing", "exploding")  # worst last
+from tune_cifar.tables import EXPLODING_GRAD_L2, HEALTH_ORDER, VANISHING_GRAD_L2
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> tuple[int, int]:
@@ -51,15 +47,27 @@ def _max_abs(grads: list[Tensor]) -> Tensor:
     return torch.stack([torch.maximum(low.neg(), high) for low, high in extremes])
 
 
-def layer_health(grad_l2: float, is_weight: bool) -> str:
-    """Flag a layer's epoch-averaged gradient norm.
+def layer_health(grad_l2: float, kind: str) -> str:
+    """Flag a tensor's epoch-averaged gradient norm: any tensor can explode, only weights vanish.
 
-    Only weight matrices and kernels can vanish: a conv bias followed by BatchNorm has an exactly
-    zero gradient by construction (BN subtracts it out), which is not a training problem.
+    Vanishing is judged on ``weight`` tensors (conv kernels, linear matrices) alone: a conv bias
+    followed by BatchNorm has an exactly zero gradient by construction (BN subtracts it out),
+    which is not a training problem.
     """
     if not math.isfinite(grad_l2) or grad_l2 > EXPLODING_GRAD_L2:
         return "exploding"
-    return "vanishing" if is_weight and grad_l2 < VANISHING_GRAD_L2 else "ok"
+    return "vanishing" if kind == "weight" and grad_l2 < VANISHING_GRAD_L2 else "ok"
+
+
+def tensor_kinds(model: nn.Module) -> dict[str, str]:
+    """``weight`` (a conv kernel or linear matrix), ``bias``, or ``norm`` (a BN scale or shift), by name."""
+    kinds = {}
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            is_norm = isinstance(module, nn.modules.batchnorm._NormBase)
+            kind = "weight" if param.ndim > 1 else ("norm" if is_norm else "bias")
+            kinds[f"{module_name}.{name}" if module_name else name] = kind
+    return kinds
 
 
 def worst_health(healths: list[str]) -> str:
@@ -75,7 +83,8 @@ class Telemetry:
         self.params = [p for _, p in named]
         device = self.params[0].device
         self.numels = [p.numel() for p in self.params]
-        self.is_weight = [p.ndim > 1 for p in self.params]
+        kinds = tensor_kinds(model)
+        self.kinds = [kinds[name] for name in self.names]
         self._grad_sums = torch.zeros(3, len(self.params), device=device)  # rows: sum|g|, max|g|, ||g||
         self._steps = 0
         self._previous = self._snapshot()
@@ -108,6 +117,8 @@ class Telemetry:
                 {
                     "epoch": epoch,
                     "layer": name,
+                    "layer_index": i,  # named_parameters order: the forward order of these models
+                    "kind": self.kinds[i],
                     "numel": self.numels[i],
                     "grad_mean_abs": table[0][i],
                     "grad_max_abs": table[1][i],
@@ -115,7 +126,7 @@ class Telemetry:
                     "weight_l2": weight_l2,
                     "update_l2": update_l2,
                     "update_ratio": update_l2 / weight_l2 if weight_l2 > 0 else math.nan,
-                    "health": layer_health(table[2][i], self.is_weight[i]),
+                    "health": layer_health(table[2][i], self.kinds[i]),
                 }
             )
         self._grad_sums.zero_()

@@ -83,9 +83,10 @@ def prepare_out(path: str | None) -> Path:
 
 def progress_line(row: dict[str, Any], epochs: int) -> str:
     val = f"val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2%}" if row["val_acc"] is not None else "val -"
+    lr = f"{row['lr']:.2e}" if row["lr"] == row["lr_last"] else f"{row['lr']:.2e}->{row['lr_last']:.2e}"
     return (
         f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2%}  {val}"
-        f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s"
+        f"  lr {lr}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s"
     )
 
 
