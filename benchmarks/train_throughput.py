@@ -48,8 +48,7 @@ def bare_rate(trainer: Trainer, steps: int) -> float:
     synchronize(device)
     started = time.perf_counter()
     for _ in range(steps):
-        with trainer.autocast:
-            loss = trainer.loss_fn(trainer.forward(images), labels)
+        loss, _ = trainer.forward_loss(images, labels)
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         trainer.optimizer.step()
@@ -64,8 +63,7 @@ def per_sample_rate(trainer: Trainer, loader: DataLoader) -> float:
     started = time.perf_counter()
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with trainer.autocast:
-            loss = trainer.loss_fn(trainer.forward(images), labels)
+        loss, _ = trainer.forward_loss(images, labels)
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         trainer.optimizer.step()

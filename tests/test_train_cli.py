@@ -78,6 +78,8 @@ def test_reads_official_batches_from_data_dir(tmp_path, cifar_dir):
         ("", ("--subset", "5"), "subset must be between"),
         ("", ("--device", "cuda:0"), "no CUDA GPU"),
         ("", ("--batch-size", "3"), "unrecognized arguments"),
+        ("precision: fp16\n", (), "unknown precision 'fp16'"),
+        ("", ("--precision", "fp16"), "invalid choice: 'fp16'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, config_text, args, message):

@@ -25,6 +25,7 @@ ACTIVATIONS = ("relu", "leaky_relu", "elu")
 OPTIMIZERS = ("adam", "adamw", "sgd", "sign_sgd")
 SCHEDULERS = ("none", "step", "plateau", "cosine")
 LOSSES = ("cross_entropy", "focal", "mse", "label_smoothing")
+PRECISIONS = ("auto", "fp32", "bf16")  # see tune_cifar.precision
 
 # small_cnn and vgg_a are fixed architectures (the first report's network, VGG-A); only the
 # conditioned CNN has configurable widths.
@@ -65,6 +66,7 @@ class TrainConfig:
     swa_epochs: int = 0  # average the weights of the last N epochs (SWA); 0 = off
     seed: int = 0
     probe_every: int = 0  # loss-landscape probe every N optimizer steps, with a ``steps`` table; 0 = off
+    precision: str = "auto"  # auto (bf16 where the device computes it natively, else fp32), fp32, bf16
 
     def __post_init__(self) -> None:
         if self.filters is None:
@@ -209,6 +211,7 @@ def _validate(config: TrainConfig) -> None:
     _check_choice("optimizer", config.optimizer, OPTIMIZERS)
     _check_choice("scheduler", config.scheduler, SCHEDULERS)
     _check_choice("loss", config.loss, LOSSES)
+    _check_choice("precision", config.precision, PRECISIONS)
     expected_filters = len(DEFAULT_FILTERS[config.model])
     if len(config.filters) != expected_filters:
         raise UsageError(

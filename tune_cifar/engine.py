@@ -27,6 +27,8 @@ from tune_cifar.data import DeviceLoader, Splits
 from tune_cifar.losses import build_loss
 from tune_cifar.models import build_model
 from tune_cifar.optim import LrSchedule, apply_l1, build_optimizer, decayed_parameters
+from tune_cifar.precision import autocast
+from tune_cifar.precision import resolve as resolve_precision
 from tune_cifar.telemetry import Telemetry, count_macs, worst_health
 
 EVAL_BATCH_SIZE = 1000
@@ -49,13 +51,15 @@ class Trainer:
         self.config = config
         self.splits = splits
         self.device = torch.device(device)
+        self.precision = resolve_precision(config.precision, self.device)  # fp32 or bf16, never auto
+        self.autocast = autocast(self.device, self.precision)
         torch.manual_seed(config.seed)
         on_gpu = self.device.type == "cuda"
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu)
         self.model = build_model(config)
         self.macs, self.params = count_macs(self.model)
         self.model.to(self.device, memory_format=torch.channels_last if on_gpu else torch.contiguous_format)
-        self.forward = torch.compile(self.model) if compile else self.model
+        # what the steps call: the model itself, or its torch.compile wrapper (same parameters)
+        self.network = torch.compile(self.model) if compile else self.model
         self.loss_fn = build_loss(config)
         self.optimizer = build_optimizer(self.model, config)
         self.train_loader = DeviceLoader(
@@ -80,44 +84,59 @@ class Trainer:
         self.layer_health: list[str] = []
         self.final_val: dict[str, float] | None = None
 
+    # -- one step ----------------------------------------------------------------------------
+    def forward_loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits under the precision's autocast, and the training loss (computed in float32)."""
+        with self.autocast:
+            logits = self.network(images)
+        return self.loss_fn(logits, labels), logits
+
+    def train_step(self, images: Tensor, labels: Tensor, probe: bool = False) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """One optimizer step: forward, backward, telemetry, the probe when asked, L1, clipping, lr, step.
+
+        Returns the (undetached) loss, the logits and the probe's row (empty without a probe).
+        Telemetry sees the raw gradient, before L1 and clipping change it.
+        """
+        self.step += 1
+        loss, logits = self.forward_loss(images, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.telemetry.record_step()
+        self.schedule.step_batch()  # sets this step's lr: the probe walks with it too
+        probed = self._probe(images, labels, loss.detach()) if probe else {}
+        if self.config.l1:
+            apply_l1(self.decayed, self.config.l1)
+        if self.config.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip, foreach=True)
+        self.optimizer.step()
+        return loss, logits, probed
+
     # -- one epoch -------------------------------------------------------------------------
     def train_epoch(self) -> EpochReport:
-        """Train one epoch, validate, step the schedule; returns the epoch's table rows."""
+        """Train one epoch, validate, step the schedule; returns the epoch's table rows.
+
+        Sums stay on the device and reach the host once, at the end of the epoch.
+        """
         config = self.config
         self.epoch += 1
         self.model.train()
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        record_steps = config.probe_every > 0
-        step_losses = torch.zeros(len(self.train_loader), device=self.device) if record_steps else None
+        probing = config.probe_every > 0
+        step_losses = torch.zeros(len(self.train_loader), device=self.device) if probing else None
         step_rows: list[dict[str, Any]] = []
-        lr_first = lr = self.schedule.lr
+        lr_first: float | None = None
         for i, (images, labels) in enumerate(self.train_loader):
-            self.step += 1
-            with self.autocast:
-                logits = self.forward(images)
-                loss = self.loss_fn(logits, labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.telemetry.record_step()
-            self.schedule.step_batch()  # sets the lr of this step: the probe walks with it too
-            lr = self.schedule.lr
-            if i == 0:
-                lr_first = lr
-            row: dict[str, Any] = {}
-            if record_steps and self.step % config.probe_every == 0:
-                row = self._probe(images, labels, loss.detach())
-            if config.l1:
-                apply_l1(self.decayed, config.l1)
-            if config.grad_clip:
-                nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip, foreach=True)
-            self.optimizer.step()
+            probe = probing and (self.step + 1) % config.probe_every == 0
+            loss, logits, probed = self.train_step(images, labels, probe)
+            lr_first = self.schedule.lr if lr_first is None else lr_first
             loss_sum += loss.detach() * labels.size(0)
             correct += (logits.argmax(1) == labels).sum()
             if step_losses is not None:
                 step_losses[i] = loss.detach()
-                step_rows.append({"step": self.step, "epoch": self.epoch, "lr": lr, **row})
+                step_rows.append({"step": self.step, "epoch": self.epoch, "lr": self.schedule.lr, **probed})
+        lr_last = self.schedule.lr  # before step_epoch sets the next epoch's
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         train_seconds = time.perf_counter() - started
@@ -138,7 +157,7 @@ class Trainer:
             "val_acc": val_acc,
             # the rates this epoch trained with (they differ under warm-up), not the next epoch's
             "lr": lr_first,
-            "lr_last": lr,
+            "lr_last": lr_last,
             "seconds": time.perf_counter() - started,
             "images_per_s": images / train_seconds,
         }
@@ -151,7 +170,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, loader: DeviceLoader, model: nn.Module | None = None) -> tuple[float, float]:
         """Cross-entropy and accuracy on a split, unaugmented, in large batches."""
-        model = model if model is not None else self.forward
+        model = model if model is not None else self.network
         was_training = self.model.training
         model.eval()
         loss_sum = torch.zeros((), device=self.device)
@@ -205,6 +224,7 @@ class Trainer:
             "val_images": len(self.splits.val_y),
             "node": platform.node(),
             "device": str(self.device),
+            "precision": self.precision,  # resolved: what auto meant here
         }
 
     # -- loss-landscape probe (BN study) -----------------------------------------------------

@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from tune_cifar import cli, spaces
+from tune_cifar import config as cfg
 from tune_cifar.errors import UsageError
 
 DEFAULT_STORAGE = "studies"
 SETTINGS_FILE = "study.json"
 SPACE_COPY = "space.yaml"
 # Flags that define what a study is; --resume takes them from study.json, not the command line.
-STUDY_FLAGS = ("space", "num_samples", "max_epochs", "data", "subset", "val_size", "seed")
+STUDY_FLAGS = ("space", "num_samples", "max_epochs", "data", "subset", "val_size", "seed", "precision")
 
 
 def parse_args(argv: Sequence[str] | None) -> Any:
@@ -43,6 +44,11 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--subset", type=int, help="a stratified sample of N training+validation images")
     parser.add_argument("--val-size", type=int, help="validation images out of the training pool (default: a tenth)")
     parser.add_argument("--seed", type=int, default=None, help="TPE sampler, data split and every trial's seed (0)")
+    parser.add_argument(
+        "--precision",
+        choices=cfg.PRECISIONS,
+        help="every trial's precision (default: the space's, else auto: bf16 where the device computes it natively)",
+    )
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial, also torch threads (1)")
     parser.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions share one (default 1 if any)")
     parser.add_argument("--max-concurrent", type=int, help="trials at once (default: the space's, else all that fit)")
@@ -82,6 +88,7 @@ class Settings:
     seed: int
     wandb: str
     data_dir: str | None = None
+    precision: str | None = None  # None: the space's (else the vocabulary's default, auto)
 
     @classmethod
     def from_args(cls, args: Any, space: spaces.Space, name: str) -> Settings:
@@ -103,6 +110,7 @@ class Settings:
             seed=args.seed if args.seed is not None else 0,
             wandb=args.wandb or ("online" if os.environ.get("WANDB_API_KEY") else "offline"),
             data_dir=args.data_dir,
+            precision=args.precision,
         )
 
 
@@ -315,7 +323,7 @@ def _run(
             if space.asha
             else FIFOScheduler()
         )
-        space = _with_max_epochs(space, settings.max_epochs)
+        space = _with_settings(space, settings)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
@@ -365,10 +373,12 @@ def _interrupted(paths: StudyPaths) -> bool:
         return False
 
 
-def _with_max_epochs(space: spaces.Space, max_epochs: int) -> spaces.Space:
+def _with_settings(space: spaces.Space, settings: Settings) -> spaces.Space:
+    """The space as this study runs it: ``--max-epochs`` and ``--precision`` override the file's."""
     from dataclasses import replace
 
-    return replace(space, max_epochs=max_epochs)
+    fixed = space.fixed if settings.precision is None else {**space.fixed, "precision": settings.precision}
+    return replace(space, max_epochs=settings.max_epochs, fixed=fixed)
 
 
 def _short(value: Any) -> str:

@@ -32,6 +32,11 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--epochs", type=int, help="override the config's epochs")
     parser.add_argument("--seed", type=int, help="override the config's seed (model init, data order, split)")
     parser.add_argument(
+        "--precision",
+        choices=cfg.PRECISIONS,
+        help="override the config's precision: auto (bf16 where the device computes it natively), fp32, bf16",
+    )
+    parser.add_argument(
         "--data", choices=("synthetic", "cifar10"), default="synthetic", help="dataset (default synthetic)"
     )
     parser.add_argument("--data-dir", help="folder holding (or receiving) cifar-10-batches-py/")
@@ -93,7 +98,8 @@ def progress_line(row: dict[str, Any], epochs: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config_file(args.config) if args.config else cfg.TrainConfig()
-    overrides = {key: value for key, value in (("epochs", args.epochs), ("seed", args.seed)) if value is not None}
+    flags = {"epochs": args.epochs, "seed": args.seed, "precision": args.precision}
+    overrides = {key: value for key, value in flags.items() if value is not None}
     config = config.replace(**overrides) if overrides else config
     if args.threads is not None:
         if args.threads < 1:
@@ -112,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     trial = {"study": None, **cfg.to_row(config), "status": "RUNNING", "stop_reason": None}
     print(
         f"training {config.model} ({trainer.params:,} parameters, {trainer.macs:,} MACs) on {splits.source}: "
-        f"{len(splits.train_y):,} train / {len(splits.val_y):,} val / {len(splits.test_y):,} test images, {device}"
+        f"{len(splits.train_y):,} train / {len(splits.val_y):,} val / {len(splits.test_y):,} test images, {device}, "
+        f"{trainer.precision}"
     )
     started = time.perf_counter()
     while trainer.epoch < config.epochs:
