@@ -21,11 +21,8 @@ from matplotlib.figure import Figure
 
 from tune_cifar import config as cfg
 from tune_cifar.errors import UsageError
-from tune_cifar.tables import read_table
+from tune_cifar.tables import finished_trials, read_table
 
-# A trial that ran all its epochs (TERMINATED) or that ASHA stopped at a rung (STOPPED) has a
-# final best validation accuracy; RUNNING and ERROR trials do not count as results.
-FINISHED = ("TERMINATED", "STOPPED")
 # The second source report's best configuration reached this test accuracy (91.53%).
 REFERENCE_TEST_ACC = 0.9153
 HYPERPARAMETERS: tuple[str, ...] = cfg.KEYS
@@ -52,8 +49,7 @@ class Study:
     @property
     def finished(self) -> pd.DataFrame:
         """Trials with a result, best first (ties: fewer epochs, then id, so the order is stable)."""
-        done = self.trials[self.trials["status"].isin(FINISHED) & self.trials["best_val_acc"].notna()]
-        return done.sort_values(["best_val_acc", "epochs_run", "trial_id"], ascending=[False, True, True])
+        return finished_trials(self.trials)
 
     def require_finished(self) -> pd.DataFrame:
         done = self.finished
@@ -121,10 +117,11 @@ def factors(trials: pd.DataFrame) -> list[str]:
     The second report's factors (optimizer, scheduler, loss, activation) come first. A numeric
     column counts as a grid when it has at most 8 values and every value was tried at least
     twice (a batch-size choice, the BN study's learning rates), not when it was sampled
-    continuously (a log-uniform lr), where a per-value table would have one trial a row.
+    continuously (a log-uniform lr), where a per-value table would have one trial a row. The
+    seed is never a factor: repeats over seeds are what the tables average.
     """
     found = []
-    for key in [*MAIN_FACTORS, *(k for k in HYPERPARAMETERS if k not in MAIN_FACTORS)]:
+    for key in [*MAIN_FACTORS, *(k for k in HYPERPARAMETERS if k not in (*MAIN_FACTORS, "seed"))]:
         counts = trials[key].dropna().astype(str).value_counts()
         if len(counts) >= 2 and (key in CATEGORICAL or (len(counts) <= 8 and counts.min() >= 2)):
             found.append(key)
@@ -143,8 +140,7 @@ def load_study(folder: str | Path) -> Study:
 
 def config_of(row: pd.Series | dict[str, Any]) -> cfg.TrainConfig:
     """Rebuild a trial's configuration from its ``trials`` row (inactive keys are null: defaults)."""
-    values = {key: native(row[key]) for key in HYPERPARAMETERS if key in row and not is_missing(row[key])}
-    return cfg.from_dict(values, source=f"trial {row['trial_id']}" if "trial_id" in row else "trial")
+    return cfg.from_row(dict(row))
 
 
 def native(value: Any) -> Any:

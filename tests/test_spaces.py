@@ -179,3 +179,32 @@ def test_grid_points_are_enqueued_values() -> None:
         sampled.append(trial.params["scheduler"])
         study.tell(trial, 0.0)
     assert sampled == ["none", "step", "plateau", "cosine"]
+
+
+def test_seeds_repeat_every_grid_point_and_the_fixed_config(tmp_path: Path) -> None:
+    base = "max_epochs: 2\nasha: null\nfixed: {model: conditioned_cnn}\n"
+    grid = spaces.load(write(tmp_path, base + "seeds: 3\ngrid: {optimizer: [adam, sgd]}\n"))
+    assert grid.seeds == 3 and grid.num_samples == 2  # as written; the study repeats it
+    repeated = grid.repeated(grid.seeds, first_seed=5)
+    assert repeated.num_samples == 6
+    points = {(p["optimizer"], p["seed"]) for p in repeated.grid_points()}
+    assert points == {(o, s) for o in ("adam", "sgd") for s in (5, 6, 7)}
+    fixed = spaces.load("seed_best").repeated(3)
+    assert fixed.num_samples == 3 and [p["seed"] for p in fixed.grid_points()] == [0, 1, 2]
+    configs = {fixed.trial_config({**fixed.constants(), **p}).seed for p in fixed.grid_points()}
+    assert configs == {0, 1, 2}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("seeds: 2\nparams: {lr: {uniform: [0.01, 0.1]}}\n", "only a grid or a fixed configuration can be repeated"),
+        ("seeds: 2\ngrid: {seed: [0, 1]}\n", "the space sets seed itself"),
+        ("seeds: 0\n", "seeds: expected an integer >= 1"),
+    ],
+)
+def test_seeds_problems_name_the_file(tmp_path: Path, extra: str, message: str) -> None:
+    path = write(tmp_path, "max_epochs: 2\nasha: null\nfixed: {model: conditioned_cnn}\n" + extra)
+    with pytest.raises(UsageError, match=message) as caught:
+        spaces.load(path)
+    assert str(path) in str(caught.value)

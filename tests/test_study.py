@@ -102,6 +102,9 @@ def test_smoke_study_completes(smoke: Study) -> None:
     assert (trials.loc[trials.status == "TERMINATED", "epochs_run"] == SMOKE_EPOCHS).all()
     assert "analyse: python analysis/best_config.py" in smoke.stdout and str(smoke.folder) in smoke.stdout
     assert json.loads((smoke.folder / "study.json").read_text())["num_samples"] == SMOKE_TRIALS
+    # the space's val_size (128 of the 640-image subset) is used as written, and said at the start
+    assert "512 train / 128 validation / 128 test images" in smoke.stdout
+    assert (trials["val_images"] == 128).all() and (trials["train_images"] == 512).all()
 
 
 def test_asha_stopped_trials_are_pruned_in_optuna(smoke: Study) -> None:
@@ -245,6 +248,38 @@ def test_interrupted_study_resumes_with_every_trial_once(tmp_path: Path, ray_tmp
     assert {t.user_attrs["ray_trial_id"] for t in study.trials} == set(trials["trial_id"])
     pruned = sum(state == optuna.trial.TrialState.PRUNED for state in states)
     assert pruned == (trials["status"] == "STOPPED").sum()
+
+
+REPRODUCIBLE_SPACE = """
+description: twelve trials, past TPE's ten random start-up trials, ASHA deciding after epoch 1
+num_samples: 12
+max_epochs: 2
+data: {source: synthetic, subset: 200, val_size: 40}
+asha: {grace_period: 1, reduction_factor: 2}
+fixed: {model: conditioned_cnn, filters: "4,8,16", batch_size: 32, augment: false}
+params:
+  optimizer: {choice: [adam, sgd]}
+  lr: {loguniform: [1.0e-3, 1.0e-1]}
+  momentum: {uniform: [0.8, 0.99]}
+  dropout: {uniform: [0.0, 0.5]}
+"""
+
+
+def test_a_seed_with_one_trial_at_a_time_reproduces_the_study(tmp_path: Path, ray_tmp: Path) -> None:
+    """Same --seed and --max-concurrent 1: the same configurations, ASHA decisions and curves (README, --seed)."""
+    space = tmp_path / "repro.yaml"
+    space.write_text(REPRODUCIBLE_SPACE)
+    runs = []
+    for name in ("first", "second"):
+        args = ("--space", str(space), "--name", name, "--storage-path", str(tmp_path), "--seed", "3")
+        args += ("--max-concurrent", "1", "--wandb", "disabled")
+        done = subprocess.run(search_cmd(*args), cwd=REPO, env=study_env(ray_tmp), capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / name / 'optuna.db'}")
+        runs.append([(t.number, t.params, t.state, t.intermediate_values) for t in study.trials])
+    first, second = runs
+    assert len(first) == 12 and any(state == optuna.trial.TrialState.PRUNED for _, _, state, _ in first)
+    assert first == second
 
 
 def test_more_gpus_than_the_cluster_has_is_refused(tmp_path: Path, ray_tmp: Path) -> None:

@@ -139,3 +139,35 @@ def test_seed_best_space_file_is_a_training_config():
         1e-6,
     )
     assert (config.dropout, config.batchnorm, config.epochs) == (0.4, True, 100)
+
+
+def test_seeds_repeat_the_run_and_report_mean_and_std(tmp_path):
+    config = write_config(tmp_path / "c.yaml", "filters: [8, 16, 32]\nbatch_size: 64\nseed: 4\n")
+    out = tmp_path / "run"
+    result = train("--config", str(config), "--epochs", "1", "--subset", "300", "--seeds", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    trials = pd.read_parquet(out / "trials").set_index("trial_id").sort_index()
+    assert list(trials.index) == ["seed4", "seed5"] and list(trials["seed"]) == [4, 5]
+    assert trials["test_acc"].notna().all() and (out / "model_seed4.pt").is_file()
+    mean, std = trials["test_acc"].mean(), trials["test_acc"].std(ddof=1)
+    assert f"test acc (the test set once per seed): {mean:.2%} ± {100 * std:.2f} (n=2 seeds" in result.stdout
+
+
+def test_from_study_retrains_the_best_trial_on_the_studys_data(tmp_path):
+    study = tmp_path / "study"
+    first = train("--config", str(write_config(tmp_path / "a.yaml", "filters: [8, 16, 32]\nlr: 0.003\n")),
+                  "--epochs", "1", "--subset", "300", "--out", str(tmp_path / "a"))  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    rows = pd.read_parquet(tmp_path / "a" / "trials")
+    worse = rows.assign(trial_id="worse", lr=0.05, best_val_acc=rows["best_val_acc"] - 0.01)
+    (study / "trials").mkdir(parents=True)
+    pd.concat([rows, worse]).to_parquet(study / "trials" / "part-all.parquet")
+    (study / "study.json").write_text('{"data": "synthetic", "subset": 300, "val_size": 30, "data_dir": null}')
+    out = tmp_path / "retrain"
+    result = train("--from-study", str(study), "--train-on-val", "--epochs", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    row = pd.read_parquet(out / "trials").iloc[0]
+    assert row["lr"] == 0.003 and row["filters"] == "8,16,32"  # the best trial, not the other one
+    assert row["train_images"] == 300 and row["val_images"] == 0 and 0 <= row["test_acc"] <= 1
+    refused = train("--from-study", str(tmp_path / "a" / "nothing"), "--out", str(tmp_path / "x"))
+    assert refused.returncode == 2 and "not a study folder" in refused.stderr

@@ -155,6 +155,20 @@ def from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
     return TrainConfig(**coerced)
 
 
+def from_row(row: dict[str, Any]) -> TrainConfig:
+    """The configuration of a ``trials`` row (as pandas reads it): nulls are inactive keys, numpy
+    scalars become Python ones, columns that are not vocabulary keys are ignored."""
+    values = {}
+    for key in KEYS:
+        value = row.get(key)
+        value = value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
+        if value is None or (isinstance(value, float) and value != value):
+            continue
+        values[key] = value
+    source = f"trial {row['trial_id']}" if row.get("trial_id") is not None else "trial"
+    return from_dict(values, source=source)
+
+
 def load(path: str | Path) -> TrainConfig:
     """Read a YAML config file (a mapping of vocabulary keys)."""
     path = Path(path)

@@ -29,7 +29,7 @@ DEFAULT_STORAGE = "studies"
 SETTINGS_FILE = "study.json"
 SPACE_COPY = "space.yaml"
 # Flags that define what a study is; --resume takes them from study.json, not the command line.
-STUDY_FLAGS = ("space", "num_samples", "max_epochs", "data", "subset", "val_size", "seed", "precision")
+STUDY_FLAGS = ("space", "num_samples", "max_epochs", "data", "subset", "val_size", "seed", "precision", "seeds")
 
 
 def parse_args(argv: Sequence[str] | None) -> Any:
@@ -43,7 +43,20 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--data-dir", help="folder holding (or receiving) cifar-10-batches-py/ on the driver")
     parser.add_argument("--subset", type=int, help="a stratified sample of N training+validation images")
     parser.add_argument("--val-size", type=int, help="validation images out of the training pool (default: a tenth)")
-    parser.add_argument("--seed", type=int, default=None, help="TPE sampler, data split and every trial's seed (0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="TPE sampler, data split and every trial's seed (0). With --max-concurrent 1 a study is reproduced "
+        "exactly; with more trials at once TPE's proposals after its 10 random start-up trials and ASHA's "
+        "decisions depend on which trials finish first (README: What --seed reproduces)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        help="run every grid point (or the fixed configuration) with N seeds: --seed, --seed + 1, ... "
+        "(default: the space's seeds, else 1)",
+    )
     parser.add_argument(
         "--precision",
         choices=cfg.PRECISIONS,
@@ -61,7 +74,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
         raise UsageError("--space is required (or --resume --name NAME to continue a study)")
     if args.resume and not args.name:
         raise UsageError("--resume needs --name of the study to continue")
-    for flag in ("num_samples", "max_epochs", "subset", "max_concurrent"):
+    for flag in ("num_samples", "max_epochs", "subset", "max_concurrent", "seeds"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
@@ -89,6 +102,7 @@ class Settings:
     wandb: str
     data_dir: str | None = None
     precision: str | None = None  # None: the space's (else the vocabulary's default, auto)
+    seeds: int = 1  # repeats of every grid point
 
     @classmethod
     def from_args(cls, args: Any, space: spaces.Space, name: str) -> Settings:
@@ -96,9 +110,12 @@ class Settings:
         if space.asha and space.asha.grace_period > max_epochs:
             grace = space.asha.grace_period
             raise UsageError(f"--max-epochs {max_epochs} is below the space's ASHA grace period {grace}")
-        num_samples = args.num_samples or space.num_samples
-        if space.grid and num_samples != space.num_samples:
-            raise UsageError(f"{space.path}: a grid runs each of its {space.num_samples} combinations once")
+        seed = args.seed if args.seed is not None else 0
+        seeds = args.seeds or space.seeds
+        repeated = space.repeated(seeds, seed)
+        num_samples = args.num_samples or repeated.num_samples
+        if repeated.grid and num_samples != repeated.num_samples:
+            raise UsageError(f"{space.path}: a grid runs each of its {repeated.num_samples} combinations once")
         return cls(
             name=name,
             space=str(space.path),
@@ -107,10 +124,11 @@ class Settings:
             data=args.data or space.source,
             subset=args.subset if args.subset is not None else space.subset,
             val_size=args.val_size if args.val_size is not None else space.val_size,
-            seed=args.seed if args.seed is not None else 0,
+            seed=seed,
             wandb=args.wandb or ("online" if os.environ.get("WANDB_API_KEY") else "offline"),
             data_dir=args.data_dir,
             precision=args.precision,
+            seeds=seeds,
         )
 
 
@@ -374,11 +392,12 @@ def _interrupted(paths: StudyPaths) -> bool:
 
 
 def _with_settings(space: spaces.Space, settings: Settings) -> spaces.Space:
-    """The space as this study runs it: ``--max-epochs`` and ``--precision`` override the file's."""
+    """The space as this study runs it: ``--max-epochs`` and ``--precision`` override the file's,
+    and every grid point is repeated over ``--seeds``."""
     from dataclasses import replace
 
     fixed = space.fixed if settings.precision is None else {**space.fixed, "precision": settings.precision}
-    return replace(space, max_epochs=settings.max_epochs, fixed=fixed)
+    return replace(space, max_epochs=settings.max_epochs, fixed=fixed).repeated(settings.seeds, settings.seed)
 
 
 def _short(value: Any) -> str:
@@ -389,8 +408,7 @@ def _report(settings: Settings, space: spaces.Space, paths: StudyPaths, results:
     """The final summary: counts, the best configuration, and where everything is."""
     import pandas as pd
 
-    from tune_cifar import config as cfg
-    from tune_cifar.tables import read_table
+    from tune_cifar.tables import finished_trials, read_table
 
     try:
         trials = read_table(paths.local, "trials")
@@ -405,9 +423,9 @@ def _report(settings: Settings, space: spaces.Space, paths: StudyPaths, results:
         f"{counts.get('RUNNING', 0)} unfinished); {epochs} of {settings.num_samples * settings.max_epochs} epochs "
         f"in {wall_s:.1f} s"
     )
-    done = trials[trials["status"].isin(("TERMINATED", "STOPPED")) & trials["best_val_acc"].notna()]
+    done = finished_trials(trials)
     if not done.empty:
-        best = done.sort_values(["best_val_acc", "epochs_run"], ascending=[False, True]).iloc[0]
+        best = done.iloc[0]
         shown = [key for key in (*space.sampled_keys, "filters") if key in cfg.KEYS]
         values = {key: best[key] for key in dict.fromkeys(shown) if not pd.isna(best[key])}
         print(f"best: trial {best['trial_id']} val_acc {best['best_val_acc']:.4f} (epoch {int(best['best_epoch'])})")

@@ -12,6 +12,7 @@ A space file says what a study varies and how long it may run::
     params:                              # vocabulary keys Optuna samples (TPE, define-by-run)
       lr: {loguniform: [1.0e-4, 1.0e-1]}
     grid: {optimizer: [adam, sgd]}       # instead of params: every combination exactly once
+    seeds: 3                             # each grid point (or the fixed config) with 3 seeds
 
 Every key is a key of the configuration vocabulary (:mod:`tune_cifar.config`), so a mistyped
 name fails here, with the file and key named, instead of as a crashed trial hours later.
@@ -22,6 +23,7 @@ sampled value makes it active (momentum only for SGD, focal_gamma only for the f
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterable
@@ -34,7 +36,18 @@ import yaml
 from tune_cifar import config as cfg
 from tune_cifar.errors import UsageError
 
-TOP_KEYS = ("description", "num_samples", "max_epochs", "data", "asha", "max_concurrent", "fixed", "params", "grid")
+TOP_KEYS = (
+    "description",
+    "num_samples",
+    "max_epochs",
+    "data",
+    "asha",
+    "max_concurrent",
+    "fixed",
+    "params",
+    "grid",
+    "seeds",
+)
 DATA_KEYS = ("source", "subset", "val_size")
 ASHA_KEYS = ("grace_period", "reduction_factor")
 SOURCES = ("cifar10", "synthetic")
@@ -123,6 +136,7 @@ class Space:
     fixed: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Distribution] = field(default_factory=dict)
     grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    seeds: int = 1  # each grid point (or the one fixed configuration) runs with this many seeds
 
     @property
     def sampled_keys(self) -> list[str]:
@@ -136,6 +150,23 @@ class Space:
             return []
         keys = list(self.grid)
         return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(self.grid[key] for key in keys))]
+
+    def repeated(self, seeds: int, first_seed: int = 0) -> Space:
+        """The space as a study runs it: every grid point once per seed ``first_seed, first_seed + 1, ...``.
+
+        The seed becomes one more grid dimension, so a repeated point is an ordinary trial in
+        every table (its ``seed`` column tells the repeats apart) and the per-level tables
+        report mean ± std over them. A sampled (TPE) space has no points to repeat.
+        """
+        if seeds == 1:
+            return self
+        if self.params:
+            raise UsageError(f"{self.path}: seeds {seeds}: only a grid or a fixed configuration can be repeated")
+        if "seed" in self.fixed or "seed" in self.grid:
+            raise UsageError(f"{self.path}: seeds {seeds}: the space sets seed itself; drop one of them")
+        grid = {**self.grid, "seed": tuple(range(first_seed, first_seed + seeds))}
+        size = math.prod(len(values) for values in grid.values())
+        return dataclasses.replace(self, grid=grid, num_samples=size, seeds=seeds)
 
     def constants(self, seed: int = 0) -> dict[str, Any]:
         """What every trial gets besides the sampled keys: the fixed keys, ``epochs`` and a seed."""
@@ -301,10 +332,11 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
             raise fail("num_samples", f"{num_samples}, but the grid has {grid_size} combinations (omit num_samples)")
     else:
         num_samples = _positive_int(raw.get("num_samples", 1 if not params else 16), "num_samples", fail)
+    seeds = _positive_int(raw.get("seeds", 1), "seeds", fail)
     description = raw.get("description") or ""
     if not isinstance(description, str):
         raise fail("description", "must be text")
-    return Space(
+    space = Space(
         name=path.stem,
         path=path,
         description=description.strip(),
@@ -318,7 +350,10 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
         fixed=fixed,
         params=params,
         grid=grid,
+        seeds=seeds,
     )
+    space.repeated(seeds)  # a space that cannot be repeated fails here, with the file named
+    return space
 
 
 def _check_known(mapping: dict[str, Any], known: Iterable[str], where: str, fail: Any) -> None:

@@ -117,6 +117,9 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
 }
 TABLES = tuple(SCHEMAS)
+# A trial that ran all its epochs (TERMINATED) or that ASHA stopped at a rung (STOPPED) has a
+# result; RUNNING and ERROR trials do not.
+FINISHED = ("TERMINATED", "STOPPED")
 PER_EPOCH_KEYS = {"epochs": ("epoch",), "layers": ("epoch", "layer"), "steps": ("step",)}
 
 
@@ -188,6 +191,15 @@ class TrialRecord:
             if part.exists():
                 record.add(name, pq.read_table(part).to_pylist())
         return record
+
+
+def finished_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """The finished trials with a validation result, best first: the one definition of "best".
+
+    Ties go to the trial that needed fewer epochs, then to the smaller id, so the order is stable.
+    """
+    done = trials[trials["status"].isin(FINISHED) & trials["best_val_acc"].notna()]
+    return done.sort_values(["best_val_acc", "epochs_run", "trial_id"], ascending=[False, True, True])
 
 
 def read_table(folder: str | Path, name: str) -> pd.DataFrame:
