@@ -212,8 +212,8 @@ def importance(study: Study, min_trials: int = MIN_TRIALS_FOR_IMPORTANCE) -> Imp
         )
     epochs, at = usable[-1]
     distributions = search_distributions(study) or {key: distribution(key, at[key]) for key in study.varying(at)}
-    params = [key for key in distributions if at[key].notna().any()]
-    if not params or not study.varying(at):
+    params = [key for key in distributions if key in study.varying(at)]  # held keys (--set) do not vary
+    if not params:
         return Importance(None, "Not computed: every hyperparameter took a single value.")
     quantile = importance_quantile(len(at))
     evaluator = optuna.importance.PedAnovaImportanceEvaluator(target_quantile=quantile)

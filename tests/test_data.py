@@ -368,6 +368,11 @@ def test_load_splits_subset(cifar_dir: Path) -> None:
     assert np.array_equal(same.train_x, splits.train_x) and np.array_equal(same.test_x, splits.test_x)
 
 
+def test_full_test_keeps_every_test_image_under_a_subset() -> None:
+    splits = load_splits("synthetic", subset=100, full_test=True)
+    assert (len(splits.train_y), len(splits.val_y), len(splits.test_y)) == (90, 10, 2000)
+
+
 def test_load_splits_synthetic_subset() -> None:
     splits = load_splits("synthetic", subset=100)  # the default: a tenth of the pool holds out 10 of 100
     assert splits.source == "synthetic"

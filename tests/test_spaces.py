@@ -208,3 +208,13 @@ def test_seeds_problems_name_the_file(tmp_path: Path, extra: str, message: str) 
     with pytest.raises(UsageError, match=message) as caught:
         spaces.load(path)
     assert str(path) in str(caught.value)
+
+
+def test_hold_fixes_a_sampled_or_grid_key_and_validates_it() -> None:
+    full = spaces.hold(spaces.load("full"), {"filters": "32,64,128", "batchnorm": True})
+    assert "filters" not in full.params and full.fixed["filters"] == "32,64,128" and full.num_samples == 64
+    grid = spaces.hold(spaces.load("grid_optimizers"), {"filters": [16, 32, 64]})
+    assert grid.fixed["filters"] == "16,32,64" and grid.num_samples == 4
+    assert spaces.hold(spaces.load("grid_optimizers"), {"optimizer": "sgd"}).num_samples == 1
+    with pytest.raises(UsageError, match="--set: unknown optimizer 'lbfgs'"):
+        spaces.hold(spaces.load("full"), {"optimizer": "lbfgs"})

@@ -250,6 +250,75 @@ def test_interrupted_study_resumes_with_every_trial_once(tmp_path: Path, ray_tmp
     assert pruned == (trials["status"] == "STOPPED").sum()
 
 
+@pytest.fixture(scope="module")
+def seeds_study(tmp_path_factory: pytest.TempPathFactory, ray_tmp: Path) -> Path:
+    """The optimizer grid with --seeds 2 on 200 synthetic images, 1 epoch, narrow: 8 trials."""
+    root = tmp_path_factory.mktemp("results")
+    args = ("--space", "grid_optimizers", "--data", "synthetic", "--subset", "200", "--max-epochs", "1")
+    args += ("--seeds", "2", "--seed", "7", "--set", "filters=4,8,16", "--max-concurrent", "2")
+    args += ("--name", "grid_optimizers", "--storage-path", str(root), "--wandb", "disabled")
+    done = subprocess.run(search_cmd(*args), cwd=REPO, env=study_env(ray_tmp), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return root / "grid_optimizers"
+
+
+def test_seeds_repeat_each_grid_point_and_tables_average_them(seeds_study: Path, ray_tmp: Path) -> None:
+    """--seeds 2 on the 4-level optimizer grid: 8 trials, and each level's mean ± std rests on its 2 seeds."""
+    from analysis import _study, best_config
+
+    trials = pd.read_parquet(seeds_study / "trials")
+    assert sorted(zip(trials["optimizer"], trials["seed"], strict=True)) == [
+        (o, s) for o in ("adam", "adamw", "sgd", "sign_sgd") for s in (7, 8)
+    ]
+    assert set(trials["filters"]) == {"4,8,16"}  # held by --set over the space's 128,256,512
+    study = _study.load_study(seeds_study)
+    assert "seed" not in _study.factors(study.finished)  # repeats are averaged, not a factor
+    table = best_config.factor_table(study, "optimizer").set_index("optimizer")
+    for optimizer, group in trials.groupby("optimizer"):
+        assert table.loc[optimizer, "trials"] == 2
+        assert table.loc[optimizer, "mean_val_acc"] == pytest.approx(group["final_val_acc"].mean())
+        assert table.loc[optimizer, "std_val_acc"] == pytest.approx(group["final_val_acc"].std(ddof=1))
+    refused = subprocess.run(
+        search_cmd("--space", "grid_losses", "--seeds", "2", "--num-samples", "3", "--storage-path",
+                   str(seeds_study.parent)),
+        cwd=REPO, env=study_env(ray_tmp), capture_output=True, text=True,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "a grid runs each of its 8 combinations once" in refused.stderr
+
+
+def test_results_md_states_budgets_and_mean_std(seeds_study: Path, tmp_path: Path) -> None:
+    """analysis/results.py on a results folder with one factor grid and two 2-seed retrains (synthetic)."""
+    from test_analysis import make_fake_bn_study
+
+    studies = seeds_study.parent
+    for name in ("retrain_tuned", "retrain_hand"):
+        if not (studies / name).exists():
+            train = [sys.executable, "-m", "tune_cifar.train", "--set", "filters=4,8,16", "--subset", "200",
+                     "--epochs", "1", "--seeds", "2", "--train-on-val", "--full-test"]  # fmt: skip
+            train += ["--out", str(studies / name)]
+            done = subprocess.run(train, cwd=REPO, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+    if not (studies / "bn_adam").exists():
+        shutil.move(make_fake_bn_study(tmp_path), studies / "bn_adam")
+    out = tmp_path / "RESULTS.md"
+    done = subprocess.run(
+        [sys.executable, "analysis/results.py", str(studies), "--out", str(out), "--figures", str(tmp_path / "fig")],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    trials = pd.read_parquet(seeds_study / "trials")
+    adam = trials[trials["optimizer"] == "adam"]["final_val_acc"]
+    precision = trials["precision"].iloc[0]
+    assert f"180 images × 1 epochs, validated on 20, {precision}; seeds 7, 8" in text
+    assert f"| adam | 2 | {100 * adam.mean():.2f} ± {100 * adam.std(ddof=1):.2f} |" in text
+    assert "| 88.42 |" in text and "the report's: adam > sign_sgd > sgd" in text
+    assert "### scheduler" in text and "Not run" in text  # the other grids are missing, and say so
+    tuned = pd.read_parquet(studies / "retrain_tuned" / "trials")["test_acc"]
+    assert f"{100 * tuned.mean():.2f} ± {100 * tuned.std(ddof=1):.2f}" in text
+    assert "BN trains faster" in text and (tmp_path / "fig" / "bn_adam_band.png").is_file()
+
+
 REPRODUCIBLE_SPACE = """
 description: twelve trials, past TPE's ten random start-up trials, ASHA deciding after epoch 1
 num_samples: 12
@@ -302,6 +371,15 @@ def test_more_gpus_than_the_cluster_has_is_refused(tmp_path: Path, ray_tmp: Path
         (("--resume",), "--resume needs --name"),
         (("--resume", "--name", "never-ran"), "no study"),
         (("--space", "smoke", "--data", "imagenet"), "invalid choice: 'imagenet'"),
+        (("--space", "smoke", "--seeds", "2"), "only a grid or a fixed configuration can be repeated"),
+        (("--space", "grid_losses", "--seeds", "0"), "--seeds must be at least 1"),
+        (("--space", "smoke", "--set", "filters"), "expected KEY=VALUE"),
+        (("--space", "smoke", "--set", "colour=blue"), "--set colour: not a key"),
+        (("--space", "smoke", "--set", "optimizer=lbfgs"), "unknown optimizer 'lbfgs'"),
+        (("--space", "smoke", "--precision", "fp16"), "invalid choice: 'fp16'"),
+        (("--space", "smoke", "--grace-period", "0"), "--grace-period must be at least 1"),
+        (("--space", "smoke", "--grace-period", "4"), "--max-epochs 3 is below the ASHA grace period 4"),
+        (("--space", "grid_losses", "--grace-period", "1"), "has no ASHA"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, ray_tmp: Path, args: tuple[str, ...], message: str) -> None:

@@ -171,3 +171,14 @@ def test_from_study_retrains_the_best_trial_on_the_studys_data(tmp_path):
     assert row["train_images"] == 300 and row["val_images"] == 0 and 0 <= row["test_acc"] <= 1
     refused = train("--from-study", str(tmp_path / "a" / "nothing"), "--out", str(tmp_path / "x"))
     assert refused.returncode == 2 and "not a study folder" in refused.stderr
+
+
+def test_set_overrides_a_key_of_a_space_file_config(tmp_path):
+    out = tmp_path / "run"
+    result = train("--config", "search_spaces/seed_best.yaml", "--set", "filters=4,8,16", "--set", "dropout=0.1",
+                   "--epochs", "1", "--subset", "200", "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    row = pd.read_parquet(out / "trials").iloc[0]
+    assert (row["filters"], row["dropout"], row["loss"]) == ("4,8,16", 0.1, "label_smoothing")
+    bad = train("--set", "dropout=2", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "dropout must be in" in bad.stderr and not (tmp_path / "bad").exists()

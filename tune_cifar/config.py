@@ -169,6 +169,27 @@ def from_row(row: dict[str, Any]) -> TrainConfig:
     return from_dict(values, source=source)
 
 
+def parse_assignments(assignments: list[str], flag: str = "--set") -> dict[str, Any]:
+    """``["filters=32,64,128", "lr=0.01"]`` as vocabulary values (YAML scalars; filters as written).
+
+    ``epochs``, ``seed`` and ``precision`` have flags of their own and are refused here.
+    """
+    held: dict[str, Any] = {}
+    for assignment in assignments:
+        key, equals, text = assignment.partition("=")
+        key = key.strip()
+        if not equals or not key:
+            raise UsageError(f"{flag} {assignment!r}: expected KEY=VALUE, e.g. {flag} filters=32,64,128")
+        if key not in KEYS or key in ("epochs", "seed", "precision"):
+            hint = "use --epochs, --seed or --precision" if key in KEYS else f"known keys: {', '.join(KEYS)}"
+            raise UsageError(f"{flag} {key}: not a key {flag} can hold ({hint})")
+        try:
+            held[key] = text if key == "filters" else yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UsageError(f"{flag} {key}: cannot read the value {text!r}") from None
+    return held
+
+
 def load(path: str | Path) -> TrainConfig:
     """Read a YAML config file (a mapping of vocabulary keys)."""
     path = Path(path)

@@ -359,12 +359,14 @@ def load_splits(
     subset: int | None = None,
     seed: int = 0,
     download: bool = True,
+    full_test: bool = False,
 ) -> Splits:
     """The train / validation / test arrays of a study.
 
     ``subset=N`` keeps a stratified sample of N of the training images (the pool that is then
     split into train and validation) and a stratified ``max(N // 5, 10)`` test images, so a
-    quick run sees the same class balance as a full one. ``val_size`` is the exact number of
+    quick run sees the same class balance as a full one (``full_test`` keeps every test image:
+    a retrain's one test evaluation is cheap and its precision matters). ``val_size`` is the exact number of
     validation images taken out of that pool, never rescaled; ``None`` holds out a tenth of it
     (45,000 / 5,000 on CIFAR-10, 9,000 / 1,000 on the synthetic set, 576 / 64 of a 640 subset).
     """
@@ -386,8 +388,9 @@ def load_splits(
             raise UsageError(f"subset must be between 20 and {pool} (the training images), got {subset}")
         keep = _stratified_sample(train_y, subset, np.random.default_rng((seed, 1)))
         train_x, train_y = train_x[keep], train_y[keep]
-        keep = _stratified_sample(test_y, min(max(subset // 5, 10), len(test_y)), np.random.default_rng((seed, 2)))
-        test_x, test_y = test_x[keep], test_y[keep]
+        if not full_test:
+            keep = _stratified_sample(test_y, min(max(subset // 5, 10), len(test_y)), np.random.default_rng((seed, 2)))
+            test_x, test_y = test_x[keep], test_y[keep]
 
     if val_size is None:
         val_size = len(train_y) // 10

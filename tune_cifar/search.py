@@ -29,7 +29,19 @@ DEFAULT_STORAGE = "studies"
 SETTINGS_FILE = "study.json"
 SPACE_COPY = "space.yaml"
 # Flags that define what a study is; --resume takes them from study.json, not the command line.
-STUDY_FLAGS = ("space", "num_samples", "max_epochs", "data", "subset", "val_size", "seed", "precision", "seeds")
+STUDY_FLAGS = (
+    "space",
+    "num_samples",
+    "max_epochs",
+    "data",
+    "subset",
+    "val_size",
+    "seed",
+    "precision",
+    "seeds",
+    "set",
+    "grace_period",
+)
 
 
 def parse_args(argv: Sequence[str] | None) -> Any:
@@ -50,6 +62,19 @@ def parse_args(argv: Sequence[str] | None) -> Any:
         help="TPE sampler, data split and every trial's seed (0). With --max-concurrent 1 a study is reproduced "
         "exactly; with more trials at once TPE's proposals after its 10 random start-up trials and ASHA's "
         "decisions depend on which trials finish first (README: What --seed reproduces)",
+    )
+    parser.add_argument(
+        "--grace-period",
+        type=int,
+        help="epochs before ASHA's first decision (default: the space's asha.grace_period); rungs follow at "
+        "grace x reduction_factor^k below --max-epochs",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="hold a vocabulary key at VALUE in every trial, replacing the space's fixed value or its distribution "
+        "(repeatable; e.g. --set filters=32,64,128)",
     )
     parser.add_argument(
         "--seeds",
@@ -74,7 +99,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
         raise UsageError("--space is required (or --resume --name NAME to continue a study)")
     if args.resume and not args.name:
         raise UsageError("--resume needs --name of the study to continue")
-    for flag in ("num_samples", "max_epochs", "subset", "max_concurrent", "seeds"):
+    for flag in ("num_samples", "max_epochs", "subset", "max_concurrent", "seeds", "grace_period"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
@@ -103,16 +128,21 @@ class Settings:
     data_dir: str | None = None
     precision: str | None = None  # None: the space's (else the vocabulary's default, auto)
     seeds: int = 1  # repeats of every grid point
+    held: dict[str, Any] | None = None  # --set KEY=VALUE: keys held fixed over the space's own choice
+    grace_period: int | None = None  # ASHA's first rung (None: the space's, or no ASHA)
 
     @classmethod
     def from_args(cls, args: Any, space: spaces.Space, name: str) -> Settings:
         max_epochs = args.max_epochs or space.max_epochs
-        if space.asha and space.asha.grace_period > max_epochs:
-            grace = space.asha.grace_period
-            raise UsageError(f"--max-epochs {max_epochs} is below the space's ASHA grace period {grace}")
+        if args.grace_period is not None and space.asha is None:
+            raise UsageError(f"--grace-period: {space.path} has no ASHA (asha: null)")
+        grace = args.grace_period or (space.asha.grace_period if space.asha else None)
+        if grace is not None and grace > max_epochs:
+            raise UsageError(f"--max-epochs {max_epochs} is below the ASHA grace period {grace}")
         seed = args.seed if args.seed is not None else 0
         seeds = args.seeds or space.seeds
-        repeated = space.repeated(seeds, seed)
+        held = held_keys(args.set or [], space)
+        repeated = spaces.hold(space, held).repeated(seeds, seed)
         num_samples = args.num_samples or repeated.num_samples
         if repeated.grid and num_samples != repeated.num_samples:
             raise UsageError(f"{space.path}: a grid runs each of its {repeated.num_samples} combinations once")
@@ -129,7 +159,16 @@ class Settings:
             data_dir=args.data_dir,
             precision=args.precision,
             seeds=seeds,
+            held=held,
+            grace_period=grace,
         )
+
+
+def held_keys(assignments: list[str], space: spaces.Space) -> dict[str, Any]:
+    """``--set KEY=VALUE`` values, checked against the space (a bad value is refused here)."""
+    held = cfg.parse_assignments(assignments)
+    spaces.hold(space, held)
+    return held
 
 
 class StudyPaths:
@@ -335,7 +374,7 @@ def _run(
             ASHAScheduler(
                 time_attr="training_iteration",
                 max_t=settings.max_epochs,
-                grace_period=space.asha.grace_period,
+                grace_period=settings.grace_period or space.asha.grace_period,
                 reduction_factor=space.asha.reduction_factor,
             )
             if space.asha
@@ -392,12 +431,15 @@ def _interrupted(paths: StudyPaths) -> bool:
 
 
 def _with_settings(space: spaces.Space, settings: Settings) -> spaces.Space:
-    """The space as this study runs it: ``--max-epochs`` and ``--precision`` override the file's,
-    and every grid point is repeated over ``--seeds``."""
+    """The space as this study runs it: ``--max-epochs``, ``--precision`` and ``--set`` override
+    the file's, and every grid point is repeated over ``--seeds``."""
     from dataclasses import replace
 
     fixed = space.fixed if settings.precision is None else {**space.fixed, "precision": settings.precision}
-    return replace(space, max_epochs=settings.max_epochs, fixed=fixed).repeated(settings.seeds, settings.seed)
+    held = spaces.hold(space, settings.held or {})
+    return replace(held, max_epochs=settings.max_epochs, fixed={**fixed, **held.fixed}).repeated(
+        settings.seeds, settings.seed
+    )
 
 
 def _short(value: Any) -> str:

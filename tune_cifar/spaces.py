@@ -177,6 +177,27 @@ class Space:
         return cfg.from_dict({key: value for key, value in values.items() if key in cfg.KEYS}, source=str(self.path))
 
 
+def hold(space: Space, held: dict[str, Any]) -> Space:
+    """``space`` with some keys held at one value: fixed, no longer sampled or in the grid.
+
+    Each value is checked as a fixed value of the space would be (a :class:`UsageError`
+    naming the key otherwise).
+    """
+    if not held:
+        return space
+    values = {key: cfg.format_filters(cfg.parse_filters(v)) if key == "filters" else v for key, v in held.items()}
+    fixed = {**space.fixed, **values}
+    try:
+        cfg.from_dict({**fixed, "epochs": space.max_epochs}, source="--set")
+    except UsageError as exc:
+        raise UsageError(f"--set: {exc}") from None
+    params = {key: spec for key, spec in space.params.items() if key not in values}
+    grid = {key: spec for key, spec in space.grid.items() if key not in values}
+    one_point = bool(space.grid) and not grid and not params  # a grid held at one point: one trial
+    size = math.prod(len(v) for v in grid.values()) if grid else (1 if one_point else space.num_samples)
+    return dataclasses.replace(space, fixed=fixed, params=params, grid=grid, num_samples=size)
+
+
 class DefineByRun:
     """Optuna define-by-run space of a :class:`Space`: parents first, children only when active.
 

@@ -43,6 +43,12 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     )
     parser.add_argument("--epochs", type=int, help="override the config's epochs")
     parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one vocabulary key of the config (repeatable; e.g. --set filters=32,64,128)",
+    )
+    parser.add_argument(
         "--seeds", type=int, default=1, help="train N times with seeds SEED, SEED+1, ... into one folder (default 1)"
     )
     parser.add_argument("--seed", type=int, help="override the config's seed (model init, data order, split)")
@@ -57,6 +63,9 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--data-dir", help="folder holding (or receiving) cifar-10-batches-py/")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the split and synthetic images (default 0)")
     parser.add_argument("--subset", type=int, help="train on a stratified sample of N training images")
+    parser.add_argument(
+        "--full-test", action="store_true", help="with --subset: still evaluate on every test image (for retrains)"
+    )
     parser.add_argument("--val-size", type=int, help="validation images out of the training pool (default: a tenth)")
     parser.add_argument(
         "--train-on-val", action="store_true", help="final retrain: add the validation split to training"
@@ -122,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     out = prepare_out(args.out)
     splits = load_splits(data["data"], data_dir=data["data_dir"], val_size=data["val_size"], subset=data["subset"],
-                         seed=args.data_seed)  # fmt: skip
+                         seed=args.data_seed, full_test=args.full_test)  # fmt: skip
     if args.train_on_val:
         splits = merge_validation(splits)
     seeds = [config.seed + i for i in range(args.seeds)]
@@ -151,7 +160,7 @@ def resolve_config(args: Any) -> tuple[cfg.TrainConfig, dict[str, Any]]:
     given = {"data": args.data, "data_dir": args.data_dir, "val_size": args.val_size, "subset": args.subset}
     data |= {key: value for key, value in given.items() if value is not None}
     flags = {"epochs": args.epochs, "seed": args.seed, "precision": args.precision}
-    overrides = {key: value for key, value in flags.items() if value is not None}
+    overrides = cfg.parse_assignments(args.set or []) | {key: v for key, v in flags.items() if v is not None}
     return (config.replace(**overrides) if overrides else config), data
 
 
