@@ -6,7 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STUDY ?=
 
-.PHONY: setup demo test lint report bench clean
+DATA_DIR ?=
+STUDIES ?= studies/results
+
+.PHONY: setup demo test lint report bench results clean
 
 setup: $(STAMP)
 
@@ -32,6 +35,11 @@ report: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
+
+# Every run behind RESULTS.md (about 90 minutes on a 2-core CPU), then RESULTS.md itself.
+results: $(STAMP)
+	@test -n "$(DATA_DIR)" || { echo "usage: make results DATA_DIR=folder-with-cifar-10-batches-py [STUDIES=studies/results]"; exit 2; }
+	PYTHON=$(BIN)/python analysis/make_results.sh "$(DATA_DIR)" "$(STUDIES)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

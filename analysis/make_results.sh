@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every run behind RESULTS.md, on real CIFAR-10, sized for about 90 minutes of a 2-core CPU
-# (bf16 autocast where the CPU has it). Then analysis/results.py writes RESULTS.md from the
+# Every run behind RESULTS.md, on real CIFAR-10, sized for about 90 minutes of a 2-core CPU, in
+# float32: on the development CPU (AMD EPYC with AVX512-BF16) bf16 autocast measured no faster than
+# float32 (benchmarks/train_throughput.py, README "Benchmarks"). Then analysis/results.py writes RESULTS.md from the
 # Parquet tables alone. A study folder that already exists is kept (rerun = finish what is missing).
 #
 #   analysis/make_results.sh DATA_DIR [STUDIES_DIR]      (make results DATA_DIR=... )
@@ -13,7 +14,7 @@ DATA_DIR=${1:?usage: analysis/make_results.sh DATA_DIR [STUDIES_DIR]}
 STUDIES=${2:-studies/results}
 PY=${PYTHON:-python}
 EPOCHS=5
-DATA=(--data cifar10 --data-dir "$DATA_DIR" --subset 14000 --val-size 5000)
+DATA=(--data cifar10 --data-dir "$DATA_DIR" --subset 14000 --val-size 5000 --precision fp32)
 STUDY=(--storage-path "$STUDIES" --wandb disabled --cpus-per-trial 1 --max-concurrent 2)
 WIDTH=(--set filters=32,64,128)
 

@@ -388,6 +388,23 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, ray_tmp: Path, args: t
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("--space", "smoke", "--storage-path", "/proc/studies"),
+            "--storage-path /proc/studies: cannot write in /proc",
+        ),
+        (("--space", "full", "--max-epochs", "5", "--storage-path", "."), "warmup_epochs must be in [0, 4], got 5"),
+    ],
+)
+def test_refused_before_data_or_ray(tmp_path: Path, ray_tmp: Path, args: tuple[str, ...], message: str) -> None:
+    """Found at start, in one line: not after loading data and starting Ray, not as a trial's error."""
+    done = subprocess.run(search_cmd(*args), cwd=tmp_path, env=study_env(ray_tmp), capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_malformed_space_file_names_the_key(tmp_path: Path, ray_tmp: Path) -> None:
     space = tmp_path / "bad.yaml"
     space.write_text("max_epochs: 2\nparams:\n  lr: {loguniform: [0.1, 0.001]}\n")
@@ -500,3 +517,88 @@ def test_searcher_limits_concurrency_itself(tmp_path: Path) -> None:
     assert search.suggest("c") is None  # two live trials already
     search.on_trial_complete("a", {"epoch": 1, "val_acc": 0.1, "config/epochs": 3})
     assert search.suggest("c") is not None
+
+
+def _wait_for(path: Path, driver: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert driver.poll() is None, f"the driver ended first: {driver.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_killed_in_start_up_resumes_and_one_driver_holds_the_study(tmp_path: Path, ray_tmp: Path) -> None:
+    """13.4, 13.1, 11.3: a driver killed before Ray saved anything leaves a study that the same command
+    plus --resume starts; while it runs, a second --resume and a new study of that name are refused."""
+    env = study_env(ray_tmp)
+    original = search_cmd("--space", "smoke", "--data", "synthetic", "--name", "s", "--storage-path", str(tmp_path),
+                          "--wandb", "disabled")  # fmt: skip
+    folder = tmp_path / "s"
+    first = subprocess.Popen(original, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(folder / "study.json", first)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    assert not (folder / "tuner.pkl").exists()  # killed in start-up: no Ray state
+
+    resumed = subprocess.Popen([*original, "--resume"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _wait_for(folder / "tuner.pkl", resumed)
+    second = subprocess.run(search_cmd("--resume", "--name", "s", "--storage-path", str(tmp_path)), cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert f"in use by driver pid {resumed.pid}" in second.stderr
+    again = subprocess.run(original, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "exists already" in again.stderr
+    out, err = resumed.communicate(timeout=420)
+    assert resumed.returncode == 0, out[-2000:] + err[-3000:]
+    assert "never started: starting it" in out
+
+    trials = pd.read_parquet(folder / "trials")
+    epochs = pd.read_parquet(folder / "epochs")
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{folder / 'optuna.db'}")
+    assert len(trials) == SMOKE_TRIALS and trials["trial_id"].is_unique
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    assert len(study.trials) == SMOKE_TRIALS and all(t.state.is_finished() for t in study.trials)
+    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
+    assert pruned == (trials["status"] == "STOPPED").sum()
+
+    before = _files(folder)
+    refused = subprocess.run([*original, "--resume", "--max-epochs", "5"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+    assert refused.returncode == 2 and "--max-epochs 5: the study was started with 3" in refused.stderr
+    assert _files(folder) == before  # byte for byte
+
+
+def test_two_drivers_started_together_one_runs_one_is_refused(tmp_path: Path, ray_tmp: Path) -> None:
+    space = tmp_path / "tiny.yaml"
+    tiny = REPRODUCIBLE_SPACE.replace("num_samples: 12", "num_samples: 2").replace("max_epochs: 2", "max_epochs: 1")
+    space.write_text(tiny)
+    command = search_cmd("--space", str(space), "--name", "t", "--storage-path", str(tmp_path / "s"))
+    command += ["--wandb", "disabled"]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    drivers = [subprocess.Popen(command, cwd=REPO, env=study_env(ray_tmp), **pipes) for _ in range(2)]
+    results = [(*driver.communicate(timeout=300), driver.returncode) for driver in drivers]
+    results = [(code, out, err) for out, err, code in results]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, _, err in results if code == 2)
+    assert refused.count("\n") == 1 and ("in use by driver pid" in refused or "exists already" in refused)
+    assert "Traceback" not in refused
+    assert len(pd.read_parquet(tmp_path / "s" / "t" / "trials")) == 2
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path: Path, ray_tmp: Path) -> None:
+    space = tmp_path / "long.yaml"
+    space.write_text(REPRODUCIBLE_SPACE)
+    args = ("--space", str(space), "--name", "c", "--storage-path", str(tmp_path / "s"), "--max-concurrent", "1")
+    driver = subprocess.Popen(search_cmd(*args, "--wandb", "disabled"), cwd=REPO, env=study_env(ray_tmp),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _wait_for(tmp_path / "s" / "c" / "epochs", driver)
+    driver.send_signal(signal.SIGINT)
+    out, err = driver.communicate(timeout=300)
+    assert driver.returncode == 130, out[-2000:] + err[-2000:]
+    assert "did not finish; continue with: python -m tune_cifar.search --resume --name c" in out

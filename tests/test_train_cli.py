@@ -79,6 +79,8 @@ def test_reads_official_batches_from_data_dir(tmp_path, cifar_dir):
         ("", ("--device", "cuda:0"), "no CUDA GPU"),
         ("", ("--batch-size", "3"), "unrecognized arguments"),
         ("precision: fp16\n", (), "unknown precision 'fp16'"),
+        ("filters: [64.7, 128, 256]\n", (), "filters: expected a list of integers"),
+        ("", ("--out", "/proc/run"), "--out /proc/run: cannot write in /proc"),
         ("", ("--precision", "fp16"), "invalid choice: 'fp16'"),
     ],
 )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from tune_cifar.errors import UsageError
 
@@ -27,3 +29,18 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def require_writable(path: Path, flag: str) -> None:
+    """Refuse, before any work, a folder that cannot be created or written: probe its nearest
+    existing ancestor with a temporary folder (removed at once; root ignores permission bits,
+    so only a real attempt tells)."""
+    ancestor = Path(path).expanduser().absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"{flag} {path}: {ancestor} is a file, not a folder")
+    try:
+        Path(tempfile.mkdtemp(prefix=".tune-cifar-probe-", dir=ancestor)).rmdir()
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot write in {ancestor} ({exc.strerror})") from None

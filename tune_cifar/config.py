@@ -127,9 +127,12 @@ def parse_filters(value: Any) -> tuple[int, ...]:
     """Accept ``[64, 128, 256]`` or ``"64,128,256"``."""
     items = value.split(",") if isinstance(value, str) else value
     try:
-        return tuple(int(item) for item in items)
+        widths = tuple(item if isinstance(item, int) else float(item) for item in items)
     except (TypeError, ValueError):
-        raise UsageError(f"filters: expected a list of integers like 64,128,256, got {value!r}") from None
+        widths = ()
+    if not widths or any(isinstance(w, bool) or not float(w).is_integer() for w in widths):
+        raise UsageError(f"filters: expected a list of integers like 64,128,256, got {value!r}")
+    return tuple(int(w) for w in widths)
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:

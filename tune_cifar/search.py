@@ -11,21 +11,28 @@ so that ``--resume`` continues the same study after the driver died.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tune_cifar import cli, spaces
 from tune_cifar import config as cfg
+from tune_cifar.driver_lock import LOCK_FILE, DriverLock
 from tune_cifar.errors import UsageError
+from tune_cifar.tables import write_atomic_text
 
 DEFAULT_STORAGE = "studies"
+EXIT_INCOMPLETE = 3  # trials left unfinished (resume with --resume)
+EXIT_INTERRUPTED = 130  # stopped by Ctrl-C (the shell's convention for SIGINT); resume with --resume
 SETTINGS_FILE = "study.json"
 SPACE_COPY = "space.yaml"
 # Flags that define what a study is; --resume takes them from study.json, not the command line.
@@ -134,6 +141,7 @@ class Settings:
     @classmethod
     def from_args(cls, args: Any, space: spaces.Space, name: str) -> Settings:
         max_epochs = args.max_epochs or space.max_epochs
+        spaces.check_max_epochs(space, max_epochs)
         if args.grace_period is not None and space.asha is None:
             raise UsageError(f"--grace-period: {space.path} has no ASHA (asha: null)")
         grace = args.grace_period or (space.asha.grace_period if space.asha else None)
@@ -167,8 +175,8 @@ class Settings:
 def held_keys(assignments: list[str], space: spaces.Space) -> dict[str, Any]:
     """``--set KEY=VALUE`` values, checked against the space (a bad value is refused here)."""
     held = cfg.parse_assignments(assignments)
-    spaces.hold(space, held)
-    return held
+    fixed = spaces.hold(space, held).fixed  # validated, and in the space's form (filters "32,64,128")
+    return {key: fixed[key] for key in held}
 
 
 class StudyPaths:
@@ -186,7 +194,7 @@ class StudyPaths:
 
     def exists(self) -> bool:
         if not self.remote:
-            return self.local.exists() and any(self.local.iterdir())
+            return self.local.exists() and any(path.name != LOCK_FILE for path in self.local.iterdir())
         import pyarrow.fs
 
         fs, path = pyarrow.fs.FileSystem.from_uri(self.experiment)
@@ -222,15 +230,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     paths = StudyPaths(args.storage_path, args.name or "pending")
     if args.resume:
-        settings, space = _resume_settings(args, paths)
+        settings, space = _resume_settings(args, paths)  # reads only: a refusal leaves the study as it was
+        lock = DriverLock(paths.local).acquire()
+        restore = _has_ray_state(paths)
     else:
         space = spaces.load(args.space)
         name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         paths = StudyPaths(args.storage_path, name)
-        if paths.exists() or (paths.local.exists() and any(paths.local.iterdir())):
-            raise UsageError(f"study {paths.experiment} exists already; continue it with --resume or pick a new --name")
         settings = Settings.from_args(args, space, name)
+        if not paths.remote:
+            cli.require_writable(Path(paths.storage), "--storage-path")
+        _refuse_existing(paths)  # before the lock, which would add a file to someone's study
+        lock = DriverLock(paths.local).acquire()
+        _refuse_existing(paths)  # a driver that held the lock before us may have created it meanwhile
+        # Written first, so that a driver killed during start-up leaves a study --resume can start.
+        shutil.copyfile(space.path, paths.local / SPACE_COPY)
+        write_atomic_text(paths.local / SETTINGS_FILE, json.dumps(asdict(settings), indent=2) + "\n")
+        restore = False
+    try:
+        return _start(args, settings, space, paths, restore)
+    finally:
+        lock.release()
 
+
+def _refuse_existing(paths: StudyPaths) -> None:
+    if paths.exists():
+        raise UsageError(f"study {paths.experiment} exists already; continue it with --resume or pick a new --name")
+
+
+def _discard_unstarted(paths: StudyPaths) -> None:
+    """Before starting a study whose first driver died in start-up: no trial can have reported
+    (Ray never saved the experiment), so an Optuna database it may have created holds no result."""
+    if any((paths.local / "trials").glob("part-*.parquet")):
+        raise UsageError(f"{paths.local}: trial tables but no Ray experiment state (tuner.pkl); cannot resume it")
+    (paths.local / "optuna.db").unlink(missing_ok=True)
+
+
+def _has_ray_state(paths: StudyPaths) -> bool:
+    """Whether Ray saved the experiment (``tuner.pkl``): a driver killed during start-up leaves none."""
+    if not paths.remote:
+        return (paths.local / "tuner.pkl").is_file()
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(f"{paths.experiment}/tuner.pkl")
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def _start(args: Any, settings: Settings, space: spaces.Space, paths: StudyPaths, restore: bool) -> int:
+    """Data, Ray, cluster checks, then the study: everything after the study folder is ours."""
     if args.address is None:
         # A study on this machine needs no network: bind Ray to the loopback address (read at import).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -245,14 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _connect(args.address)
     try:
         gpus, one_node = _check_cluster(args.storage_path, args.cpus_per_trial, args.gpus_per_trial)
-        if not args.resume:
-            paths.local.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(space.path, paths.local / SPACE_COPY)
-            (paths.local / SETTINGS_FILE).write_text(json.dumps(asdict(settings), indent=2) + "\n")
         limit = args.max_concurrent or space.max_concurrent
         pending = _pending_trials(limit, args.cpus_per_trial, gpus)
         os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(pending))
-        return _run(args, settings, space, paths, splits, args.cpus_per_trial, gpus, one_node)
+        return _run(args, settings, space, paths, splits, args.cpus_per_trial, gpus, one_node, restore)
     finally:
         import ray
 
@@ -267,14 +310,32 @@ def _resume_settings(args: Any, paths: StudyPaths) -> tuple[Settings, spaces.Spa
     if not settings_path.is_file():
         raise UsageError(f"{paths.local}: not a tune-cifar study (no {SETTINGS_FILE})")
     settings = Settings(**json.loads(settings_path.read_text()))
-    given = {flag: getattr(args, flag) for flag in STUDY_FLAGS if getattr(args, flag) is not None}
-    if given:
-        flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in given)
-        raise UsageError(f"{flags}: a resumed study keeps its settings ({settings_path}); drop these flags")
+    for flag in STUDY_FLAGS:
+        given = getattr(args, flag)
+        if given is None:
+            continue
+        stored, given = _stored_and_given(flag, settings, given)
+        if stored != given:
+            raise UsageError(
+                f"--{flag.replace('_', '-')} {given}: the study was started with {stored} ({settings_path}); "
+                "a resumed study keeps its settings"
+            )
     if args.wandb:
         settings.wandb = args.wandb
     settings.data_dir = args.data_dir or settings.data_dir
     return settings, spaces.load(paths.local / SPACE_COPY)
+
+
+def _stored_and_given(flag: str, settings: Settings, given: Any) -> tuple[Any, Any]:
+    """A study flag's stored value and the given one, in one form, so that repeating the
+    original command with ``--resume`` added is accepted."""
+    if flag == "space":
+        return str(Path(settings.space).resolve()), str(spaces.resolve(given).resolve())
+    if flag == "set":
+        normal = {k: cfg.format_filters(cfg.parse_filters(v)) if k == "filters" else v for k, v in
+                  cfg.parse_assignments(given).items()}  # fmt: skip
+        return settings.held or {}, normal
+    return getattr(settings, flag), given
 
 
 def _check_reachable(address: str | None) -> None:
@@ -344,6 +405,7 @@ def _run(
     cpus: float,
     gpus: float,
     one_node: bool,
+    restore: bool,
 ) -> int:
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -358,10 +420,13 @@ def _run(
     searcher.relocate(paths.local)
     study_callbacks.relocate(paths.local)
     started = time.monotonic()
-    if args.resume:
+    if restore:
         tuner = tune.Tuner.restore(paths.experiment, trainable, resume_unfinished=True, resume_errored=True)
         print(f"resuming study {settings.name} from {paths.experiment}", flush=True)
     else:
+        if args.resume:  # the earlier driver died before Ray saved anything: start the study it wrote down
+            _discard_unstarted(paths)
+            print(f"study {settings.name} never started: starting it from {paths.local / SETTINGS_FILE}", flush=True)
         callbacks: list[Any] = [
             JsonLoggerCallback(),
             CSVLoggerCallback(),
@@ -413,21 +478,43 @@ def _run(
             f"{len(splits.test_y):,} test images), {cpus:g} CPU + {gpus:g} GPU per trial -> {paths.local}",
             flush=True,
         )
-    results = tuner.fit()
-    if not _interrupted(paths):
+    with _sigint_seen() as interrupted:
+        results = tuner.fit()
+    unfinished = settings.num_samples - results.num_terminated - results.num_errors
+    if not unfinished:
         searcher.finish_study(paths.local, settings.name)
     paths.sync("up")
-    return _report(settings, space, paths, results, time.monotonic() - started)
+    code = _report(settings, space, paths, results, time.monotonic() - started)
+    if unfinished:
+        resume = f"python -m tune_cifar.search --resume --name {settings.name}"
+        if paths.storage != str(Path(DEFAULT_STORAGE).resolve()):
+            resume += f" --storage-path {paths.storage}"
+        print(f"incomplete: {unfinished} of {settings.num_samples} trials did not finish; continue with: {resume}")
+        return EXIT_INTERRUPTED if interrupted() else EXIT_INCOMPLETE
+    return code
 
 
-def _interrupted(paths: StudyPaths) -> bool:
-    """Trials left RUNNING mean the run was stopped (Ctrl+C) and --resume will continue them."""
-    from tune_cifar.tables import read_table
+@contextlib.contextmanager
+def _sigint_seen() -> Iterator[Callable[[], bool]]:
+    """Whether Ctrl-C stopped ``Tuner.fit``, with Tune's graceful stop kept.
 
+    Tune's own SIGINT handler is switched off (``TUNE_DISABLE_SIGINT_HANDLER``) so that this one
+    sees the signal; it then sends SIGUSR1, on which Tune stops the same way (saving the
+    experiment one last time). A second Ctrl-C is Python's KeyboardInterrupt again.
+    """
+    seen = threading.Event()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        seen.set()
+        signal.signal(signal.SIGINT, previous)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        return bool((read_table(paths.local, "trials")["status"] == "RUNNING").any())
-    except UsageError:
-        return False
+        yield seen.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _with_settings(space: spaces.Space, settings: Settings) -> spaces.Space:

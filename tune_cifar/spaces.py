@@ -177,6 +177,18 @@ class Space:
         return cfg.from_dict({key: value for key, value in values.items() if key in cfg.KEYS}, source=str(self.path))
 
 
+def check_max_epochs(space: Space, max_epochs: int) -> None:
+    """Refuse a ``--max-epochs`` under which a value the space can sample is invalid (a warm-up
+    as long as the run), naming the key and its range, before any trial runs."""
+    if max_epochs == space.max_epochs:
+        return
+    raw = {**_read_yaml(space.path), "max_epochs": max_epochs}
+    try:
+        _parse(space.path, raw)
+    except UsageError as exc:
+        raise UsageError(f"--max-epochs {max_epochs}: {exc}") from None
+
+
 def hold(space: Space, held: dict[str, Any]) -> Space:
     """``space`` with some keys held at one value: fixed, no longer sampled or in the grid.
 

@@ -19,6 +19,7 @@ from ray import tune
 
 from tune_cifar import config as cfg
 from tune_cifar import tables
+from tune_cifar.errors import UsageError
 from tune_cifar.tables import TrialRecord
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,19 @@ def trial_values(trial: Any) -> dict[str, Any]:
 
 
 def hyperparameter_row(trial: Any) -> dict[str, Any]:
-    """The trial's hyperparameter columns: every vocabulary key, inactive ones null."""
-    return cfg.to_row(cfg.from_dict(trial_values(trial), source=f"trial {trial.trial_id}"))
+    """The trial's hyperparameter columns: every vocabulary key, inactive ones null.
+
+    A configuration the vocabulary refuses (a sampled value the trial will fail on) is recorded
+    as sampled, so that the trial shows up as an ERROR row instead of ending the whole study.
+    """
+    values = trial_values(trial)
+    try:
+        return cfg.to_row(cfg.from_dict(values, source=f"trial {trial.trial_id}"))
+    except UsageError:
+        raw = {key: values.get(key) for key in cfg.KEYS}
+        if isinstance(raw["filters"], (list, tuple)):
+            raw["filters"] = cfg.format_filters(raw["filters"])
+        return raw
 
 
 def target_epochs(trial: Any) -> int:

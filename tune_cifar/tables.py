@@ -134,11 +134,26 @@ def to_arrow(name: str, rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def write_atomic(table: pa.Table, path: Path) -> None:
-    """Write ``table`` to ``path`` so that readers see the old file or the new one, never half."""
+    """Write ``table`` to ``path`` so that readers see the old file or the new one, never half.
+
+    The temporary file is flushed to disk before the rename: after a power loss the name points
+    at complete data, not at a file the rename outran.
+    """
+    _replace_durably(path, lambda temp: pq.write_table(table, temp))
+
+
+def write_atomic_text(path: Path, text: str) -> None:
+    """``path.write_text(text)``, atomic and durable like :func:`write_atomic`."""
+    _replace_durably(path, lambda temp: temp.write_text(text))
+
+
+def _replace_durably(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        pq.write_table(table, temp)
+        write(temp)
+        with open(temp, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)

@@ -107,6 +107,7 @@ def prepare_out(path: str | None) -> Path:
     out = Path(path) if path else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {out} already exists and is not empty; choose a new folder")
+    cli.require_writable(out, "--out")
     return out
 
 
