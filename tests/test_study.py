@@ -86,7 +86,9 @@ class Study:
 def smoke(tmp_path_factory: pytest.TempPathFactory, ray_tmp: Path) -> Study:
     root = tmp_path_factory.mktemp("studies")
     marker = root / "crashed-once"
-    env = study_env(ray_tmp, TUNE_CIFAR_CRASH_ONCE=f"{marker}:{CRASH_EPOCH}:0.1")
+    home = root / "home"  # a private HOME: nothing of the study may land in it (W&B caches)
+    home.mkdir()
+    env = study_env(ray_tmp, TUNE_CIFAR_CRASH_ONCE=f"{marker}:{CRASH_EPOCH}:0.1", HOME=str(home))
     cmd = search_cmd("--space", "smoke", "--name", "smoke", "--storage-path", str(root), "--wandb", "offline")
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -192,6 +194,45 @@ def test_wandb_offline_runs_with_flow_charts(smoke: Study) -> None:
         assert list(run.glob("run-*.wandb"))
         tables = {path.name.split("_table")[0] for path in (run / "files" / "media" / "table").glob("*.table.json")}
         assert {"grad_flow", "update_flow"} <= tables, run
+
+
+def test_a_damaged_part_file_is_named_then_rebuilt_on_resume(smoke: Study, tmp_path: Path, ray_tmp: Path) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(smoke.folder, root / "smoke", ignore=shutil.ignore_patterns(".driver.lock"))
+    folder = root / "smoke"
+    trials = smoke.table("trials")
+    victim = trials[trials["status"] == "TERMINATED"]["trial_id"].iloc[0]
+    for name in ("trials", "epochs"):
+        part = folder / name / f"part-{victim}.parquet"
+        part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])  # truncated, as by a full disk
+    analysis = subprocess.run([sys.executable, "analysis/best_config.py", str(folder)], cwd=REPO, capture_output=True,
+                              text=True)  # fmt: skip
+    assert analysis.returncode == 2 and analysis.stderr.count("\n") == 1
+    assert f"part-{victim}.parquet: damaged Parquet file" in analysis.stderr
+
+    done = subprocess.run(search_cmd("--resume", "--name", "smoke", "--storage-path", str(root)), cwd=REPO,
+                          env=study_env(ray_tmp), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "damaged; set aside" in done.stdout and "rebuilt from Ray's results" in done.stdout
+    for name in ("trials", "epochs"):
+        rebuilt = pd.read_parquet(folder / name).sort_values(list(pd.read_parquet(folder / name).columns[:2]))
+        original = smoke.table(name).sort_values(list(rebuilt.columns[:2]))
+        pd.testing.assert_frame_equal(rebuilt.reset_index(drop=True), original.reset_index(drop=True))
+    assert (folder / "damaged" / "trials" / f"part-{victim}.parquet").is_file()
+
+
+def test_a_finished_study_leaves_nothing_outside_its_folder_and_one_checkpoint(smoke: Study) -> None:
+    home = smoke.folder.parent / "home"
+    assert not [p for p in home.rglob("*") if "wandb" in p.name], "W&B wrote outside the study folder"
+    trial_ids = set(smoke.table("trials")["trial_id"])
+    leftovers = [p for p in Path(tempfile.gettempdir()).glob("tune-cifar-ckpt-*") if p.name.split("-")[3] in trial_ids]
+    assert not leftovers
+    with_checkpoints = {p.parent.name for p in smoke.folder.glob("trial_*/checkpoint_*")}
+    ranked = smoke.table("trials").sort_values(
+        ["best_val_acc", "epochs_run", "trial_id"], ascending=[False, True, True]
+    )
+    best = ranked["trial_id"].iloc[0]
+    assert with_checkpoints == {f"trial_{best}"}  # the best trial's weights, nothing else
 
 
 def test_existing_study_is_not_overwritten(smoke: Study, ray_tmp: Path) -> None:

@@ -99,6 +99,11 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--max-concurrent", type=int, help="trials at once (default: the space's, else all that fit)")
     parser.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial from its checkpoint")
     parser.add_argument("--address", help="join a running Ray cluster (host:port, auto or ray://...)")
+    parser.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep every trial's last checkpoint (default: only the best trial's once the study finished)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the interrupted study --name")
     parser.add_argument("--wandb", choices=("offline", "online", "disabled"), help="default online with WANDB_API_KEY")
     args = parser.parse_args(argv)
@@ -241,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not paths.remote:
             cli.require_writable(Path(paths.storage), "--storage-path")
         _refuse_existing(paths)  # before the lock, which would add a file to someone's study
+        created = not paths.local.exists()
         lock = DriverLock(paths.local).acquire()
         _refuse_existing(paths)  # a driver that held the lock before us may have created it meanwhile
         # Written first, so that a driver killed during start-up leaves a study --resume can start.
@@ -249,6 +255,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         restore = False
     try:
         return _start(args, settings, space, paths, restore)
+    except UsageError:
+        if not args.resume:  # refused in start-up (data, cluster): a study that cannot run leaves nothing
+            for written in (SPACE_COPY, SETTINGS_FILE, LOCK_FILE):
+                (paths.local / written).unlink(missing_ok=True)
+            if created:
+                shutil.rmtree(paths.local, ignore_errors=True)
+        raise
     finally:
         lock.release()
 
@@ -421,6 +434,8 @@ def _run(
     study_callbacks.relocate(paths.local)
     started = time.monotonic()
     if restore:
+        for line in study_callbacks.repair_tables(paths.local, settings.name):
+            print(line, flush=True)
         tuner = tune.Tuner.restore(paths.experiment, trainable, resume_unfinished=True, resume_errored=True)
         print(f"resuming study {settings.name} from {paths.experiment}", flush=True)
     else:
@@ -483,6 +498,8 @@ def _run(
     unfinished = settings.num_samples - results.num_terminated - results.num_errors
     if not unfinished:
         searcher.finish_study(paths.local, settings.name)
+        if not args.keep_checkpoints:
+            _remove_finished_checkpoints(paths)
     paths.sync("up")
     code = _report(settings, space, paths, results, time.monotonic() - started)
     if unfinished:
@@ -515,6 +532,27 @@ def _sigint_seen() -> Iterator[Callable[[], bool]]:
         yield seen.is_set
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _remove_finished_checkpoints(paths: StudyPaths) -> None:
+    """A finished study's trials can no longer resume: keep only the best trial's checkpoint (its
+    weights), not one per trial (4.9 MB each on the smoke study, gigabytes on a real one)."""
+    import pyarrow.fs
+
+    from tune_cifar.tables import finished_trials, read_table
+
+    try:
+        best = str(finished_trials(read_table(paths.local, "trials"))["trial_id"].iloc[0])
+    except (UsageError, IndexError):
+        return
+    fs, root = pyarrow.fs.FileSystem.from_uri(paths.experiment)
+    for trial in fs.get_file_info(pyarrow.fs.FileSelector(root)):
+        name = trial.base_name
+        if trial.type != pyarrow.fs.FileType.Directory or not name.startswith("trial_") or name == f"trial_{best}":
+            continue
+        for item in fs.get_file_info(pyarrow.fs.FileSelector(trial.path)):
+            if item.type == pyarrow.fs.FileType.Directory and item.base_name.startswith("checkpoint_"):
+                fs.delete_dir(item.path)
 
 
 def _with_settings(space: spaces.Space, settings: Settings) -> spaces.Space:

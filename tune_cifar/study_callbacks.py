@@ -10,6 +10,7 @@ checkpoint, or continued by ``--resume``, neither loses nor duplicates rows.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -177,6 +178,12 @@ class WandbCallback(_StudyFolder, tune.Callback):
         if trial.trial_id not in self.runs:
             import wandb
 
+            # W&B's caches and artifact staging (~/.cache/wandb, ~/.local/share/wandb) go into the
+            # study folder, unless the user chose places for them.
+            for variable, where in (("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"),
+                                    ("WANDB_ARTIFACT_DIR", "artifacts")):  # fmt: skip
+                os.environ.setdefault(variable, str(self.study_dir / "wandb" / where))
+
             run_id = re.sub(r"[^A-Za-z0-9_-]", "-", f"{self.study_name}-{trial.trial_id}")[:120]
             self.runs[trial.trial_id] = wandb.init(
                 project=self.project,
@@ -334,3 +341,45 @@ def _epochs_run(trial: Any) -> int:
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def repair_tables(study_dir: Path, study_name: str) -> list[str]:
+    """Before a resume: set damaged part files aside (``STUDY/damaged/``) and rebuild their trials'
+    rows by replaying Ray's saved results (``trial_*/result.json``) through :class:`ParquetCallback`,
+    the same code that wrote them. Returns one line per damaged file, saying what was done."""
+    damaged = tables.damaged_parts(study_dir)
+    if not damaged:
+        return []
+    import json
+
+    from ray.tune import ExperimentAnalysis
+
+    from tune_cifar.trainable import trial_dirname
+
+    aside = study_dir / "damaged"
+    lost = {part.stem.removeprefix("part-") for part in damaged}
+    for part in damaged:
+        (aside / part.parent.name).mkdir(parents=True, exist_ok=True)
+        part.replace(aside / part.parent.name / part.name)
+    writer = ParquetCallback(study_dir, study_name)
+    rebuilt = set()
+    for trial in ExperimentAnalysis(str(study_dir)).trials:
+        results = study_dir / trial_dirname(trial) / "result.json"
+        if trial.trial_id not in lost or not results.is_file():
+            continue
+        for name in tables.TABLES:  # every table of the trial is rewritten from the replay
+            tables.part_path(study_dir, name, trial.trial_id).unlink(missing_ok=True)
+        writer.records[trial.trial_id] = TrialRecord(trial.trial_id)
+        for line in results.read_text().splitlines():
+            if line.strip():
+                writer.on_trial_result(0, [], trial, json.loads(line))
+        if trial.status == "TERMINATED":
+            writer.on_trial_complete(0, [], trial)
+        elif trial.status == "ERROR":
+            writer.on_trial_error(0, [], trial)
+        rebuilt.add(trial.trial_id)
+    return [
+        f"{part}: damaged; set aside in {aside} and "
+        + ("rebuilt from Ray's results" if part.stem.removeprefix("part-") in rebuilt else "not rebuilt (no results)")
+        for part in damaged
+    ]

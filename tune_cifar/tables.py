@@ -226,4 +226,23 @@ def read_table(folder: str | Path, name: str) -> pd.DataFrame:
         raise UsageError(
             f"{folder}: no {name} table (expected {path}/part-*.parquet); is this a tune-cifar results folder?"
         )
-    return pd.read_parquet(path, schema=SCHEMAS[name])
+    try:
+        return pd.read_parquet(path, schema=SCHEMAS[name])
+    except (pa.ArrowException, OSError):
+        damaged = damaged_parts(folder, (name,)) or [path]
+        raise UsageError(
+            f"{damaged[0]}: damaged Parquet file; `python -m tune_cifar.search --resume` rebuilds a study's "
+            "tables from Ray's results (or move the file away)"
+        ) from None
+
+
+def damaged_parts(folder: str | Path, names: tuple[str, ...] = TABLES) -> list[Path]:
+    """Part files of these tables that Parquet cannot read (truncated, overwritten, not Parquet)."""
+    damaged = []
+    for name in names:
+        for part in sorted((Path(folder) / name).glob("part-*.parquet")):
+            try:
+                pq.read_table(part)
+            except (pa.ArrowException, OSError):
+                damaged.append(part)
+    return damaged

@@ -11,6 +11,7 @@ so a retried or resumed trial continues exactly where its last report left it.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -37,6 +38,8 @@ def train_trial(config: dict[str, Any], splits: Splits, cpus: float = 1, gpus: f
     train_config = cfg.from_dict({key: value for key, value in config.items() if key in cfg.KEYS}, source="trial")
     device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
     trainer = Trainer(train_config, splits, device=device)
+    prefix = f"tune-cifar-ckpt-{tune.get_context().get_trial_id()}-"
+    _remove_leftovers(prefix)  # of an attempt of this trial that was killed while saving
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -47,9 +50,14 @@ def train_trial(config: dict[str, Any], splits: Splits, cpus: float = 1, gpus: f
         last = trainer.epoch >= train_config.epochs
         summary = {**(trainer.finish() if last else trainer.summary()), "node": node_label()}
         metrics = {**report.epoch, "layers": report.layers, "steps": report.steps, "trial": summary}
-        with tempfile.TemporaryDirectory(prefix="tune-cifar-ckpt-") as folder:
+        with tempfile.TemporaryDirectory(prefix=prefix) as folder:
             torch.save(trainer.state_dict(), Path(folder) / CHECKPOINT_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _remove_leftovers(prefix: str) -> None:
+    for folder in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def trial_dirname(trial: Any) -> str:
