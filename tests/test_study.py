@@ -643,3 +643,20 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path: Path, ray_tmp: Path) 
     out, err = driver.communicate(timeout=300)
     assert driver.returncode == 130, out[-2000:] + err[-2000:]
     assert "did not finish; continue with: python -m tune_cifar.search --resume --name c" in out
+
+
+def test_a_refused_trial_configuration_is_a_row_not_a_dead_study() -> None:
+    """The driver-side row of a trial whose sampled values the vocabulary refuses (warm-up as long as
+    the run) is recorded as sampled: the trial fails alone (ERROR), the callbacks do not raise.
+    A plain object stands in for Ray's Trial: the callback reads only ``config`` and ``trial_id``."""
+    from types import SimpleNamespace
+
+    from tune_cifar.errors import UsageError
+    from tune_cifar.study_callbacks import hyperparameter_row
+
+    trial = SimpleNamespace(trial_id="bad", config={"epochs": 5, "warmup_epochs": 5, "filters": [8, 16, 32]})
+    with pytest.raises(UsageError, match="warmup_epochs must be in"):
+        cfg.from_dict({"epochs": 5, "warmup_epochs": 5})
+    row = hyperparameter_row(trial)
+    assert row["warmup_epochs"] == 5 and row["epochs"] == 5 and row["filters"] == "8,16,32"
+    assert set(row) == set(cfg.KEYS)
