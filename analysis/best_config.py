@@ -55,7 +55,7 @@ from analysis._study import (
 from tune_cifar import cli, spaces
 from tune_cifar import config as cfg
 from tune_cifar.errors import UsageError
-from tune_cifar.search import SPACE_COPY
+from tune_cifar.search import SETTINGS_FILE, SPACE_COPY
 from tune_cifar.tables import read_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +149,9 @@ def search_distributions(study: Study) -> dict[str, optuna.distributions.BaseDis
     path = study.folder / SPACE_COPY
     if not path.is_file():
         return None
-    space = spaces.load(path)
+    settings_path = study.folder / SETTINGS_FILE
+    held = json.loads(settings_path.read_text()).get("held") if settings_path.is_file() else None
+    space = spaces.hold(spaces.load(path), held or {})  # keys held by --set were not sampled
     found = {key: spec.to_optuna() for key, spec in space.params.items()}
     return found | {key: CategoricalDistribution(list(values)) for key, values in space.grid.items()}
 
@@ -189,8 +191,9 @@ class Importance:
 
 
 def importance_quantile(trials: int) -> float:
-    """PED-ANOVA's top quantile: its default 10%, grown so that the top holds at least three trials."""
-    return max(0.1, 3 / trials)
+    """PED-ANOVA's top quantile: its default 10%, grown so that the top holds at least three trials
+    (at most half of them: the top must stay a strict subset)."""
+    return min(0.5, max(0.1, 3 / trials))
 
 
 def importance(study: Study, min_trials: int = MIN_TRIALS_FOR_IMPORTANCE) -> Importance:
@@ -220,7 +223,7 @@ def importance(study: Study, min_trials: int = MIN_TRIALS_FOR_IMPORTANCE) -> Imp
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scores = optuna.importance.get_param_importances(
-            optuna_study(at, distributions), evaluator=evaluator, params=params
+            optuna_study(at, {key: distributions[key] for key in params}), evaluator=evaluator, params=params
         )
     statement = (
         f"PED-ANOVA (`optuna.importance.PedAnovaImportanceEvaluator(target_quantile={quantile:.3g})`) on the "

@@ -75,12 +75,12 @@ def budget(study: Study) -> str:
     """``9,000 images x 5 epochs, validated on 5,000, bf16``: what every accuracy of a folder rests on."""
     trials = study.trials
     parts = [
-        f"{'/'.join(fmt(v) for v in sorted(trials['train_images'].unique()))} images",
-        f"× {'/'.join(fmt(v) for v in sorted(trials['epochs'].unique()))} epochs",
+        f"{'/'.join(f'{int(v):,}' for v in sorted(trials['train_images'].dropna().unique()))} images",
+        f"× {'/'.join(fmt(v) for v in sorted(trials['epochs'].dropna().unique()))} epochs",
     ]
     val = sorted(trials["val_images"].dropna().unique())
     if val and val != [0]:
-        parts.append(f"validated on {'/'.join(fmt(v) for v in val)}")
+        parts.append(f"validated on {'/'.join(f'{int(v):,}' for v in val)}")
     parts.append(", ".join(sorted(trials["precision"].dropna().unique())))
     return " ".join(parts[:2]) + ", " + ", ".join(parts[2:])
 
@@ -137,7 +137,7 @@ def factor_section(studies: Path) -> list[str]:
                     f"{100 * m:.2f} ± {100 * s:.2f}"
                     for m, s in zip(table["mean_val_acc"], table["std_val_acc"], strict=True)
                 ],
-                "best seed": table["best_val_acc"].map(pct),
+                "best seed": table["best_val_acc"].map(lambda v: f"{100 * v:.2f}"),
                 "report (test, single run, 50-100 epochs)": [
                     f"{REPORTED[factor][level]:.2f}" if level in REPORTED[factor] else "–" for level in table[factor]
                 ],
@@ -175,7 +175,7 @@ def tuned_section(studies: Path, figures: Path, link: str) -> list[str]:
     full = studies / "full"
     if (full / "trials").is_dir():
         study = load_study(full)
-        best = study.finished.iloc[0]
+        best = study.require_finished().iloc[0]
         counts = study.trials["status"].value_counts().to_dict()
         sampled = [k for k in study.varying(study.trials) if k != "seed" and not pd.isna(best[k])]
         parts += [

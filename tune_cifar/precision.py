@@ -4,9 +4,9 @@ bf16 autocast runs convolutions and matrix products in bfloat16 (float32 accumul
 the kernels) and keeps weights, optimizer state, BatchNorm statistics and the losses in
 float32 (every loss casts its logits first, :mod:`tune_cifar.losses`). It pays where the
 hardware computes bf16 natively: every recent CUDA GPU, and CPUs with AVX512-BF16 or AMX
-(x86) or the BF16 extension (Arm), where it trains the conditioned CNN about 1.6x faster
-than float32 (``benchmarks/train_throughput.py``). Elsewhere bf16 is emulated and slower, so
-``auto`` picks float32 there.
+(x86) or the BF16 extension (Arm); elsewhere bf16 is emulated and slower, so ``auto`` picks
+float32 there. Whether it pays on a given CPU is a measurement, not a flag: on the development
+VM (AVX512-BF16) it measured no faster than float32 (``benchmarks/train_throughput.py``).
 """
 
 from __future__ import annotations

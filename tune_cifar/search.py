@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +146,8 @@ class Settings:
     @classmethod
     def from_args(cls, args: Any, space: spaces.Space, name: str) -> Settings:
         max_epochs = args.max_epochs or space.max_epochs
-        spaces.check_max_epochs(space, max_epochs)
+        held = held_keys(args.set or [], replace(space, max_epochs=max_epochs))
+        spaces.check_max_epochs(space, max_epochs, held)
         if args.grace_period is not None and space.asha is None:
             raise UsageError(f"--grace-period: {space.path} has no ASHA (asha: null)")
         grace = args.grace_period or (space.asha.grace_period if space.asha else None)
@@ -154,7 +155,6 @@ class Settings:
             raise UsageError(f"--max-epochs {max_epochs} is below the ASHA grace period {grace}")
         seed = args.seed if args.seed is not None else 0
         seeds = args.seeds or space.seeds
-        held = held_keys(args.set or [], space)
         repeated = spaces.hold(space, held).repeated(seeds, seed)
         num_samples = args.num_samples or repeated.num_samples
         if repeated.grid and num_samples != repeated.num_samples:
@@ -235,8 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     paths = StudyPaths(args.storage_path, args.name or "pending")
     if args.resume:
-        settings, space = _resume_settings(args, paths)  # reads only: a refusal leaves the study as it was
-        lock = DriverLock(paths.local).acquire()
+        # A local study is read before the lock, so that a refusal leaves it as it was; a remote one is
+        # copied down first, which only the lock holder may do.
+        lock = DriverLock(paths.local).acquire() if paths.remote else None
+        settings, space = _resume_settings(args, paths)
+        lock = lock or DriverLock(paths.local).acquire()
         restore = _has_ray_state(paths)
     else:
         space = spaces.load(args.space)
@@ -255,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         restore = False
     try:
         return _start(args, settings, space, paths, restore)
-    except UsageError:
+    except RefusedAtStart:
         if not args.resume:  # refused in start-up (data, cluster): a study that cannot run leaves nothing
             for written in (SPACE_COPY, SETTINGS_FILE, LOCK_FILE):
                 (paths.local / written).unlink(missing_ok=True)
@@ -264,6 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     finally:
         lock.release()
+
+
+class RefusedAtStart(UsageError):
+    """Bad input found after the study folder was made but before any trial ran (data, cluster)."""
 
 
 def _refuse_existing(paths: StudyPaths) -> None:
@@ -275,18 +282,22 @@ def _discard_unstarted(paths: StudyPaths) -> None:
     """Before starting a study whose first driver died in start-up: no trial can have reported
     (Ray never saved the experiment), so an Optuna database it may have created holds no result."""
     if any((paths.local / "trials").glob("part-*.parquet")):
-        raise UsageError(f"{paths.local}: trial tables but no Ray experiment state (tuner.pkl); cannot resume it")
-    (paths.local / "optuna.db").unlink(missing_ok=True)
+        raise UsageError(f"{paths.local}: trial tables but no Ray experiment state; cannot resume it")
+    for started in ("optuna.db", "tuner.pkl"):
+        (paths.local / started).unlink(missing_ok=True)
 
 
 def _has_ray_state(paths: StudyPaths) -> bool:
-    """Whether Ray saved the experiment (``tuner.pkl``): a driver killed during start-up leaves none."""
-    if not paths.remote:
-        return (paths.local / "tuner.pkl").is_file()
+    """Whether Ray saved the experiment's state (``experiment_state-*.json``, written once trials
+    run; ``tuner.pkl`` comes earlier): a driver killed during start-up leaves none."""
     import pyarrow.fs
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(f"{paths.experiment}/tuner.pkl")
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+    fs, root = pyarrow.fs.FileSystem.from_uri(paths.experiment)
+    try:
+        items = fs.get_file_info(pyarrow.fs.FileSelector(root))
+    except FileNotFoundError:
+        return False
+    return any(item.base_name.startswith("experiment_state-") for item in items)
 
 
 def _start(args: Any, settings: Settings, space: spaces.Space, paths: StudyPaths, restore: bool) -> int:
@@ -298,13 +309,19 @@ def _start(args: Any, settings: Settings, space: spaces.Space, paths: StudyPaths
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Ray's TensorBoard logger cannot hold the per-layer lists; the JSON and CSV loggers are added explicitly.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    _check_reachable(args.address)
     from tune_cifar.data import load_splits
 
-    splits = load_splits(settings.data, settings.data_dir, settings.val_size, settings.subset, settings.seed)
-    _connect(args.address)
     try:
-        gpus, one_node = _check_cluster(args.storage_path, args.cpus_per_trial, args.gpus_per_trial)
+        _check_reachable(args.address)
+        splits = load_splits(settings.data, settings.data_dir, settings.val_size, settings.subset, settings.seed)
+        _connect(args.address)
+    except UsageError as exc:
+        raise RefusedAtStart(str(exc)) from None
+    try:
+        try:
+            gpus, one_node = _check_cluster(args.storage_path, args.cpus_per_trial, args.gpus_per_trial)
+        except UsageError as exc:
+            raise RefusedAtStart(str(exc)) from None
         limit = args.max_concurrent or space.max_concurrent
         pending = _pending_trials(limit, args.cpus_per_trial, gpus)
         os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(pending))
@@ -345,9 +362,7 @@ def _stored_and_given(flag: str, settings: Settings, given: Any) -> tuple[Any, A
     if flag == "space":
         return str(Path(settings.space).resolve()), str(spaces.resolve(given).resolve())
     if flag == "set":
-        normal = {k: cfg.format_filters(cfg.parse_filters(v)) if k == "filters" else v for k, v in
-                  cfg.parse_assignments(given).items()}  # fmt: skip
-        return settings.held or {}, normal
+        return settings.held or {}, held_keys(given, spaces.load(settings.space))
     return getattr(settings, flag), given
 
 
@@ -433,7 +448,7 @@ def _run(
     searcher.relocate(paths.local)
     study_callbacks.relocate(paths.local)
     started = time.monotonic()
-    if restore:
+    if restore and not paths.remote:  # Ray's results are local only in a local study
         for line in study_callbacks.repair_tables(paths.local, settings.name):
             print(line, flush=True)
         tuner = tune.Tuner.restore(paths.experiment, trainable, resume_unfinished=True, resume_errored=True)
@@ -522,8 +537,9 @@ def _sigint_seen() -> Iterator[Callable[[], bool]]:
     seen = threading.Event()
 
     def on_sigint(signum: int, frame: Any) -> None:
+        if seen.is_set():  # the second Ctrl-C (Tune put this handler back after the first): abort
+            raise KeyboardInterrupt
         seen.set()
-        signal.signal(signal.SIGINT, previous)
         os.kill(os.getpid(), signal.SIGUSR1)
 
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
@@ -558,8 +574,6 @@ def _remove_finished_checkpoints(paths: StudyPaths) -> None:
 def _with_settings(space: spaces.Space, settings: Settings) -> spaces.Space:
     """The space as this study runs it: ``--max-epochs``, ``--precision`` and ``--set`` override
     the file's, and every grid point is repeated over ``--seeds``."""
-    from dataclasses import replace
-
     fixed = space.fixed if settings.precision is None else {**space.fixed, "precision": settings.precision}
     held = spaces.hold(space, settings.held or {})
     return replace(held, max_epochs=settings.max_epochs, fixed={**fixed, **held.fixed}).repeated(

@@ -177,12 +177,17 @@ class Space:
         return cfg.from_dict({key: value for key, value in values.items() if key in cfg.KEYS}, source=str(self.path))
 
 
-def check_max_epochs(space: Space, max_epochs: int) -> None:
+def check_max_epochs(space: Space, max_epochs: int, held: dict[str, Any] | None = None) -> None:
     """Refuse a ``--max-epochs`` under which a value the space can sample is invalid (a warm-up
-    as long as the run), naming the key and its range, before any trial runs."""
-    if max_epochs == space.max_epochs:
-        return
+    as long as the run), naming the key and its range, before any trial runs. Keys ``held``
+    by ``--set`` are checked at their one value instead of their distribution."""
+    held = held or {}
     raw = {**_read_yaml(space.path), "max_epochs": max_epochs}
+    raw["params"] = {k: v for k, v in (raw.get("params") or {}).items() if k not in held}
+    raw["grid"] = {k: v for k, v in (raw.get("grid") or {}).items() if k not in held}
+    raw["fixed"] = {**(raw.get("fixed") or {}), **held}
+    if held.keys() & set(space.grid):
+        raw.pop("num_samples", None)  # the grid is smaller now
     try:
         _parse(space.path, raw)
     except UsageError as exc:

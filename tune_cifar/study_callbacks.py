@@ -356,6 +356,7 @@ def repair_tables(study_dir: Path, study_name: str) -> list[str]:
 
     from tune_cifar.trainable import trial_dirname
 
+    ray_trials = ExperimentAnalysis(str(study_dir)).trials  # loaded first: nothing moves if this fails
     aside = study_dir / "damaged"
     lost = {part.stem.removeprefix("part-") for part in damaged}
     for part in damaged:
@@ -363,7 +364,7 @@ def repair_tables(study_dir: Path, study_name: str) -> list[str]:
         part.replace(aside / part.parent.name / part.name)
     writer = ParquetCallback(study_dir, study_name)
     rebuilt = set()
-    for trial in ExperimentAnalysis(str(study_dir)).trials:
+    for trial in ray_trials:
         results = study_dir / trial_dirname(trial) / "result.json"
         if trial.trial_id not in lost or not results.is_file():
             continue

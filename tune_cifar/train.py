@@ -61,7 +61,11 @@ def parse_args(argv: Sequence[str] | None) -> Any:
         "--data", choices=("synthetic", "cifar10"), help="dataset (default synthetic, or the --from-study study's)"
     )
     parser.add_argument("--data-dir", help="folder holding (or receiving) cifar-10-batches-py/")
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the split and synthetic images (default 0)")
+    parser.add_argument(
+        "--data-seed",
+        type=int,
+        help="seed of the split and synthetic images (default 0, or the --from-study study's --seed)",
+    )
     parser.add_argument("--subset", type=int, help="train on a stratified sample of N training images")
     parser.add_argument(
         "--full-test", action="store_true", help="with --subset: still evaluate on every test image (for retrains)"
@@ -132,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     out = prepare_out(args.out)
     splits = load_splits(data["data"], data_dir=data["data_dir"], val_size=data["val_size"], subset=data["subset"],
-                         seed=args.data_seed, full_test=args.full_test)  # fmt: skip
+                         seed=data["seed"], full_test=args.full_test)  # fmt: skip
     if args.train_on_val:
         splits = merge_validation(splits)
     seeds = [config.seed + i for i in range(args.seeds)]
@@ -151,14 +155,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 def resolve_config(args: Any) -> tuple[cfg.TrainConfig, dict[str, Any]]:
     """The configuration to train and its data settings: ``--from-study``'s best trial (with the
     study's data flags) or ``--config``; command-line flags override either."""
-    data: dict[str, Any] = {"data": "synthetic", "data_dir": None, "val_size": None, "subset": None}
+    data: dict[str, Any] = {"data": "synthetic", "data_dir": None, "val_size": None, "subset": None, "seed": 0}
     if args.from_study:
         if args.config:
             raise UsageError("--config and --from-study both name a configuration; give one")
         config, data = best_of_study(Path(args.from_study))
     else:
         config = load_config_file(args.config) if args.config else cfg.TrainConfig()
-    given = {"data": args.data, "data_dir": args.data_dir, "val_size": args.val_size, "subset": args.subset}
+    given = {
+        "data": args.data,
+        "data_dir": args.data_dir,
+        "val_size": args.val_size,
+        "subset": args.subset,
+        "seed": args.data_seed,
+    }
     data |= {key: value for key, value in given.items() if value is not None}
     flags = {"epochs": args.epochs, "seed": args.seed, "precision": args.precision}
     overrides = cfg.parse_assignments(args.set or []) | {key: v for key, v in flags.items() if v is not None}
@@ -180,6 +190,7 @@ def best_of_study(folder: Path) -> tuple[cfg.TrainConfig, dict[str, Any]]:
         "data_dir": settings.get("data_dir"),
         "val_size": settings.get("val_size"),
         "subset": settings.get("subset"),
+        "seed": settings.get("seed", 0),  # the study's split: the retrain sees the same images
     }
     print(f"best trial of {folder}: {best['trial_id']} ({best['best_val_acc']:.2%} validation accuracy)")
     return cfg.from_row(best.to_dict()), data
