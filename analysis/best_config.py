@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import optuna
 import pandas as pd
-import yaml
 from matplotlib.figure import Figure
 from optuna.distributions import CategoricalDistribution, IntDistribution
 
@@ -307,52 +306,22 @@ def plot_importance(result: Importance) -> Figure:
 
 
 # -- retrain -----------------------------------------------------------------------------------
-def study_data(study: Study, trial: pd.Series) -> dict[str, Any]:
-    """The data flags the study trained with, so the retrain sees the same images plus validation.
-
-    ``study.json`` (written by ``tune_cifar.search``) holds them; a folder without it (a single
-    ``tune_cifar.train`` run) falls back to the trial's data source and the full split.
-    """
-    settings_path = study.folder / "study.json"
-    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
-    source = str(settings.get("data") or trial.get("data") or "")
-    return {
-        "data": "cifar10" if "cifar" in source.lower() else "synthetic",
-        "subset": settings.get("subset"),
-        "val_size": settings.get("val_size"),
-        "data_dir": settings.get("data_dir"),
-    }
-
-
 def retrain(study: Study, epochs: int | None = None, **overrides: Any) -> dict[str, Any]:
     """Train the best trial's configuration on train + validation, test once, record it in ``retrain/``.
 
-    ``overrides`` (data, subset, val_size, data_dir) replace the study's data settings.
+    Runs ``tune_cifar.train --from-study`` (which picks the same best trial and the study's data
+    settings); ``overrides`` (data, subset, val_size, data_dir) replace those settings.
     """
     trial = study.trial(study.best_trial_id())
     config = config_of(trial)
-    config = config.replace(epochs=epochs or config.epochs)
     out = study.folder / "retrain"
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} already holds a retrain; move it away to retrain again")
-    config_path = study.out_dir() / "best_config.yaml"
-    config_path.write_text(yaml.safe_dump({**cfg.to_dict(config), "filters": list(config.filters)}, sort_keys=False))
-    data = study_data(study, trial) | {key: value for key, value in overrides.items() if value is not None}
-    command = [
-        sys.executable,
-        "-m",
-        "tune_cifar.train",
-        "--config",
-        str(config_path),
-        "--train-on-val",
-        "--out",
-        str(out),
-        "--data",
-        data["data"],
-    ]
-    for flag in ("subset", "val_size", "data_dir"):
-        if data.get(flag) is not None:
-            command += [f"--{flag.replace('_', '-')}", str(data[flag])]
+    command = [sys.executable, "-m", "tune_cifar.train", "--from-study", str(study.folder), "--train-on-val"]
+    command += ["--out", str(out)] + (["--epochs", str(epochs)] if epochs else [])
+    for flag, value in overrides.items():
+        if value is not None:
+            command += [f"--{flag.replace('_', '-')}", str(value)]
     print("retraining:", " ".join(command), flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
@@ -360,11 +329,12 @@ def retrain(study: Study, epochs: int | None = None, **overrides: Any) -> dict[s
     if code != 0:
         raise UsageError(f"retrain failed: tune_cifar.train exited {code} (its output is above)")
     row = read_table(out, "trials").iloc[0]
+    trained = config.replace(epochs=int(row["epochs"]))
     result = {
         "study": study.name,
         "source_trial": str(trial["trial_id"]),
         "source_best_val_acc": float(trial["best_val_acc"]),
-        "config": {key: native(v) for key, v in cfg.to_row(config).items() if v is not None},
+        "config": {key: native(v) for key, v in cfg.to_row(trained).items() if v is not None},
         "epochs": int(row["epochs_run"]),
         "data": str(row["data"]),
         "train_images": int(row["train_images"]),
