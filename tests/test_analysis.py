@@ -722,6 +722,16 @@ def test_health_text_agrees_with_the_health_column(fake_dir: Path, tmp_path: Pat
     assert "some parameter tensor" not in text
 
 
+def test_parallel_coordinates_compare_at_the_first_budget_and_dash_stopped_trials(fake_dir: Path) -> None:
+    study = _study.load_study(fake_dir)
+    ax = search_views.plot_parallel_coordinates(study).axes[0]
+    first = budgets(fake_dir)[0]
+    assert f"{len(at_budget(fake_dir, first))} finished trials at {first} epochs" in ax.get_title()
+    dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+    stopped_later = at_budget(fake_dir, first)["status"].eq("STOPPED").sum()
+    assert len(dashed) == stopped_later > 0
+
+
 def test_loss_panel_clips_a_diverged_trial_and_names_it(fake_dir: Path, tmp_path: Path) -> None:
     folder = tmp_path / "study"
     shutil.copytree(fake_dir, folder)
