@@ -39,6 +39,7 @@ from analysis import bn_landscape, search_views
 from analysis._study import Study, fmt, load_study, markdown_table, pct, save
 from analysis.best_config import factor_table
 from tune_cifar import cli
+from tune_cifar import config as cfg
 from tune_cifar.errors import UsageError
 from tune_cifar.tables import read_table
 
@@ -118,6 +119,17 @@ def ordering_line(table: pd.DataFrame, factor: str) -> str:
     )
 
 
+def level_settings(study: Study, factor: str) -> str:
+    """`` Settings only some levels use: step: step_size=2, gamma=0.1.``: the keys a level switches on."""
+    children = [key for key, (parent, _) in cfg.CONDITIONS.items() if parent == factor]
+    described = []
+    for level, group in study.trials.groupby(factor):
+        used = [f"{key}={fmt(group[key].dropna().iloc[0])}" for key in children if group[key].notna().any()]
+        if used:
+            described.append(f"{level}: {', '.join(used)}")
+    return f" Settings only some levels use: {'; '.join(described)}." if described else ""
+
+
 def factor_section(studies: Path) -> list[str]:
     parts = ["## 1. The second report's factor tables", ""]
     for factor, name in GRIDS.items():
@@ -147,7 +159,7 @@ def factor_section(studies: Path) -> list[str]:
             f"### {factor}",
             "",
             f"`{name}`: {budget(study)}; seeds {seeds}; {len(study.trials)} runs, {wall(study) / 60:.0f} min of "
-            "trial time. Validation accuracy after the last epoch.",
+            "trial time. Validation accuracy after the last epoch." + level_settings(study, factor),
             "",
             markdown_table(shown),
             "",
