@@ -125,14 +125,14 @@ def format_filters(filters: tuple[int, ...]) -> str:
 
 def parse_filters(value: Any) -> tuple[int, ...]:
     """Accept ``[64, 128, 256]`` or ``"64,128,256"``."""
-    items = value.split(",") if isinstance(value, str) else value
+    items = value.split(",") if isinstance(value, str) and value else value
     try:
         widths = tuple(item if isinstance(item, int) else float(item) for item in items)
     except (TypeError, ValueError):
-        widths = ()
-    if not widths or any(isinstance(w, bool) or not float(w).is_integer() for w in widths):
+        widths = None
+    if widths is None or any(isinstance(w, bool) or not float(w).is_integer() for w in widths):
         raise UsageError(f"filters: expected a list of integers like 64,128,256, got {value!r}")
-    return tuple(int(w) for w in widths)
+    return tuple(int(w) for w in widths)  # () for the fixed architectures; _validate checks the count
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:
