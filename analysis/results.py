@@ -324,6 +324,12 @@ def write(studies: Path, out: Path, figures: Path) -> Path:
         f"- trial time, summed over runs: {total / 60:.0f} min (two trials at a time on 2 cores)",
         "- test accuracy is touched only by the retrains of section 2, once per seed.",
         "",
+        "What this budget can and cannot say: a few epochs on a fifth of the images rank choices by how fast they "
+        "learn, not by where they end. The report's numbers come from 10-20 times more training; choices whose "
+        "benefit comes late (MSE on logits, learning-rate decay, strong regularisation) can rank lower here and "
+        "higher there. Agreement in ordering is evidence; disagreement is a question for a longer run, not a "
+        "refutation.",
+        "",
         *factor_section(studies),
         *tuned_section(studies, figures, link),
         *bn_section(studies, figures, link),
