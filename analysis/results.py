@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: make `analysis` and `tune_cifa
 import pandas as pd
 
 from analysis import bn_landscape, search_views
-from analysis._study import Study, fmt, load_study, markdown_table, pct, save
+from analysis._study import Study, fmt, load_study, markdown_table, native, pct, save
 from analysis.best_config import factor_table
 from tune_cifar import cli
 from tune_cifar import config as cfg
@@ -130,6 +130,24 @@ def level_settings(study: Study, factor: str) -> str:
     return f" Settings only some levels use: {'; '.join(described)}." if described else ""
 
 
+def identical_levels(study: Study, factor: str, epochs: int) -> str:
+    """Levels whose runs are identical seed for seed: the choice never changed training at this budget."""
+    at = study.at_budget(epochs)
+    runs = {level: tuple(group.sort_values("seed")["val_acc"]) for level, group in at.groupby(at[factor].map(native))}
+    same = [sorted(map(str, levels)) for levels in _groups_by_value(runs) if len(levels) > 1]
+    if not same:
+        return ""
+    listed = "; ".join(" = ".join(levels) for levels in same)
+    return f" Identical runs, seed for seed: {listed} (at this budget the choice never changed training)."
+
+
+def _groups_by_value(runs: dict[Any, tuple[float, ...]]) -> list[list[Any]]:
+    groups: dict[tuple[float, ...], list[Any]] = {}
+    for level, values in runs.items():
+        groups.setdefault(values, []).append(level)
+    return list(groups.values())
+
+
 def factor_section(studies: Path) -> list[str]:
     parts = ["## 1. The second report's factor tables", ""]
     for factor, name in GRIDS.items():
@@ -163,7 +181,7 @@ def factor_section(studies: Path) -> list[str]:
             "",
             markdown_table(shown),
             "",
-            ordering_line(table, factor),
+            ordering_line(table, factor) + identical_levels(study, factor, int(table["epochs"].max())),
             "",
         ]
     return parts
