@@ -300,15 +300,20 @@ def claims(table: pd.DataFrame) -> list[str]:
     if not {"BN", "no BN"} <= set(rows):
         return ["The claims cannot be checked: one variant is missing."]
     bn, plain = rows["BN"], rows["no BN"]
+    stuck = [name for name, row in rows.items() if row["runs at chance"] == row["runs"]]
 
     def smaller(column: str) -> str:
+        if stuck:  # a run that never learned sits on a flat plateau: its band and β say nothing
+            return f"not testable here (every {' and every '.join(stuck)} run stayed at chance accuracy)"
         a, b = bn[column], plain[column]
         return "reproduced" if a < b else "not reproduced"
 
-    bn_epoch, plain_epoch = bn["earliest 50% epoch"], plain["earliest 50% epoch"]
-    if bn_epoch is None or pd.isna(bn_epoch):
+    bn_epoch, plain_epoch = (
+        None if pd.isna(v) else int(v) for v in (bn["earliest 50% epoch"], plain["earliest 50% epoch"])
+    )
+    if bn_epoch is None:
         faster = "not reproduced (BN never reached 50%)"
-    elif plain_epoch is None or pd.isna(plain_epoch):
+    elif plain_epoch is None:
         faster = f"reproduced (BN at epoch {bn_epoch}; no BN never within the budget)"
     else:
         faster = f"{'reproduced' if bn_epoch < plain_epoch else 'not reproduced'} (epoch {bn_epoch} vs {plain_epoch})"
