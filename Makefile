@@ -5,11 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STUDY ?=
+PORT ?= 8080
 
 DATA_DIR ?=
 STUDIES ?= studies/results
 
-.PHONY: setup demo test lint report bench results clean
+.PHONY: setup demo test lint report dashboard bench results clean
 
 setup: $(STAMP)
 
@@ -28,10 +29,20 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+# CurveZMQ keys (transport_encryption) encrypt the kernel's local TCP sockets instead of ipykernel
+# warning that they are plain text; the classic template writes each figure's alternative text (the
+# notebook sets it from the figure's titles), which the default lab template drops (nbconvert then
+# warns "Alternative text is missing").
 report: $(STAMP)
 	@test -n "$(STUDY)" || { echo "usage: make report STUDY=path/to/study"; exit 2; }
-	STUDY_DIR="$(abspath $(STUDY))" $(BIN)/jupyter nbconvert --execute --to html \
+	STUDY_DIR="$(abspath $(STUDY))" $(BIN)/jupyter nbconvert --execute --to html --template classic \
+		--KernelManager.transport_encryption=auto \
 		--output-dir "$(abspath $(STUDY))/analysis" analysis/explore_trials.ipynb
+
+# optuna-dashboard on STUDY/optuna.db, on 127.0.0.1 only (the `dashboard` extra, part of `dev`).
+dashboard: $(STAMP)
+	@test -n "$(STUDY)" || { echo "usage: make dashboard STUDY=path/to/study [PORT=8080]"; exit 2; }
+	$(BIN)/python -m tune_cifar.dashboard "$(STUDY)" --port "$(PORT)"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py

@@ -29,7 +29,7 @@ HYPERPARAMETERS: tuple[str, ...] = cfg.KEYS
 MAIN_FACTORS = ("optimizer", "scheduler", "loss", "activation")
 # Choices rather than quantities (filters is stored as the string "64,128,256").
 CATEGORICAL = tuple(
-    key for key in cfg.KEYS if key == "filters" or cfg.TrainConfig.__dataclass_fields__[key].type in ("str", "bool")
+    key for key in cfg.KEYS if key == "filters" or cfg.field_type(key) in ("str", "bool")
 )
 
 
@@ -137,10 +137,6 @@ def load_study(folder: str | Path) -> Study:
         raise UsageError(f"{folder}: not a study folder (no trials/ table; give the folder tune_cifar.search wrote)")
     return Study(folder, read_table(folder, "trials"))
 
-
-def config_of(row: pd.Series | dict[str, Any]) -> cfg.TrainConfig:
-    """Rebuild a trial's configuration from its ``trials`` row (inactive keys are null: defaults)."""
-    return cfg.from_row(dict(row))
 
 
 def native(value: Any) -> Any:

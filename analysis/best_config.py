@@ -23,25 +23,22 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as a script: make `analysis` and `tune_cifar` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dataclasses import dataclass
 
 import optuna
 import pandas as pd
 from matplotlib.figure import Figure
 from optuna.distributions import CategoricalDistribution, IntDistribution
 
-from analysis import search_views
-from analysis._study import (
+from tune_cifar import cli, spaces
+from tune_cifar import config as cfg
+from tune_cifar.analysis import search_views
+from tune_cifar.analysis._study import (
     CATEGORICAL,
     REFERENCE_TEST_ACC,
     Study,
-    config_of,
     describe,
     factors,
     fmt,
@@ -51,10 +48,8 @@ from analysis._study import (
     pct,
     save,
 )
-from tune_cifar import cli, spaces
-from tune_cifar import config as cfg
 from tune_cifar.errors import UsageError
-from tune_cifar.search import SETTINGS_FILE, SPACE_COPY
+from tune_cifar.study_folder import SETTINGS_FILE, SPACE_COPY
 from tune_cifar.tables import read_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,7 +129,7 @@ def distribution(key: str, values: pd.Series) -> optuna.distributions.BaseDistri
         return optuna.distributions.CategoricalDistribution(sorted(set(present), key=str))
     low, high = min(present), max(present)
     log = low > 0 and high / low >= 10  # spans a decade or more: sampled (and judged) on a log scale
-    if cfg.TrainConfig.__dataclass_fields__[key].type == "int" and all(float(v).is_integer() for v in present):
+    if cfg.field_type(key) == "int" and all(float(v).is_integer() for v in present):
         return IntDistribution(int(low), int(high), log=log)
     return optuna.distributions.FloatDistribution(float(low), float(high), log=log)
 
@@ -313,7 +308,7 @@ def retrain(study: Study, epochs: int | None = None, **overrides: Any) -> dict[s
     settings); ``overrides`` (data, subset, val_size, data_dir) replace those settings.
     """
     trial = study.trial(study.best_trial_id())
-    config = config_of(trial)
+    config = cfg.from_row(trial)
     out = study.folder / "retrain"
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} already holds a retrain; move it away to retrain again")

@@ -17,20 +17,16 @@ conclusion) into ``STUDY_DIR/analysis/``.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as a script: make `analysis` and `tune_cifar` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis._study import Study, fmt, load_study, markdown_table, pct, save
 from tune_cifar import cli
+from tune_cifar.analysis._study import Study, fmt, load_study, markdown_table, pct, save
 from tune_cifar.errors import UsageError
 
 PROBES = ("probe_loss_min", "probe_loss_max", "probe_grad_change", "probe_beta")
@@ -85,25 +81,12 @@ def plot_loss_band(steps: pd.DataFrame) -> Figure:
     for name, group in band.groupby("variant"):
         color = COLORS.get(name, "tab:grey")
         runs = int(group["runs"].max())
-        train_ax.fill_between(
-            group["step"],
-            group["loss_min"],
-            group["loss_max"],
-            color=color,
-            alpha=0.35,
-            lw=0,
-            label=f"{name}: min–max over {runs} learning rates",
-        )
-        probed = group.dropna(subset=["probe_min", "probe_max"])
-        probe_ax.fill_between(
-            probed["step"],
-            probed["probe_min"],
-            probed["probe_max"],
-            color=color,
-            alpha=0.35,
-            lw=0,
-            label=f"{name}: loss range along the gradient",
-        )
+        for ax, low, high, label in (
+            (train_ax, "loss_min", "loss_max", f"{name}: min–max over {runs} learning rates"),
+            (probe_ax, "probe_min", "probe_max", f"{name}: loss range along the gradient"),
+        ):
+            rows = group.dropna(subset=[low, high])
+            ax.fill_between(rows["step"], rows[low], rows[high], color=color, alpha=0.35, lw=0, label=label)
     train_ax.set(
         title="Training loss per step, range across learning rates",
         xlabel="training step",

@@ -16,13 +16,9 @@ configurations, and per configuration factor how often that happened. Everything
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as a script: make `analysis` and `tune_cifar` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd
 from matplotlib import colormaps
@@ -30,7 +26,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from analysis._study import (
+from tune_cifar import cli
+from tune_cifar.analysis._study import (
     Study,
     describe,
     factors,
@@ -40,7 +37,6 @@ from analysis._study import (
     pct,
     save,
 )
-from tune_cifar import cli
 from tune_cifar.errors import UsageError
 from tune_cifar.tables import EXPLODING_GRAD_L2, VANISHING_GRAD_L2
 

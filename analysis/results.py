@@ -25,21 +25,17 @@ import itertools
 import math
 import os
 import platform
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make `analysis` and `tune_cifar` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import pandas as pd
 
-from analysis import bn_landscape, search_views
-from analysis._study import Study, fmt, load_study, markdown_table, native, pct, save
-from analysis.best_config import factor_table
 from tune_cifar import cli
 from tune_cifar import config as cfg
+from tune_cifar.analysis import bn_landscape, search_views
+from tune_cifar.analysis._study import Study, fmt, load_study, markdown_table, native, pct, save
+from tune_cifar.analysis.best_config import factor_table
 from tune_cifar.errors import UsageError
 from tune_cifar.tables import read_table
 

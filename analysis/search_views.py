@@ -16,7 +16,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from analysis._study import CATEGORICAL, Study, fmt, log_spans_decades, native
+from tune_cifar.analysis._study import CATEGORICAL, Study, fmt, log_spans_decades, native
 
 STATUS_STYLE = {"TERMINATED": ("tab:green", "o", "ran all epochs"), "STOPPED": ("tab:orange", "X", "stopped by ASHA")}
 

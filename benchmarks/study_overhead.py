@@ -1,90 +1,216 @@
-"""What the study machinery costs and what ASHA saves: ``python benchmarks/study_overhead.py``.
+"""Where a study's time goes beyond its epochs: ``python benchmarks/study_overhead.py``.
 
-Runs the smoke study (or ``--space``) in a fresh folder and compares
+Runs the same study (default ``benchmarks/one_second_epochs.yaml``: 4 trials x 8 epochs of
+about a second, one trial at a time, no ASHA) once per ``--checkpoint-every`` value, each in a
+fresh process and folder, and prints for each, side by side:
 
-* the driver's wall time with the ideal one, sum(trial compute) / concurrency, where a trial's
-  compute is its epochs' training + validation seconds: the rest is orchestration (Ray
-  start-up, actor start, checkpoints, reporting, the driver's callbacks), and
-* the epochs trained with the epochs a study without early stopping would train,
-  num_samples x max_epochs: the difference is what ASHA saved.
+* the whole command's wall time and ``Tuner.fit``'s against the ideal, the sum of the epochs'
+  own seconds (training + validation) divided by the concurrency: the rest is orchestration;
+* that rest taken apart (measured, not guessed):
+  - *in-trial reporting*: per epoch, Ray's ``time_this_iter_s`` minus the epoch's ``seconds``
+    (building the report, the checkpoint's ``torch.save``, Ray persisting it, waiting for the
+    driver to take the result), shown separately for epochs with and without a checkpoint;
+  - *driver callbacks and searcher*: time inside the Parquet, W&B and console callbacks and in
+    the Optuna searcher, timed by wrapping their methods in this benchmark's process;
+  - *trial start and the rest*: what remains (actor start, ``tune.with_parameters`` data,
+    building the Trainer and counting MACs, Ray's event loop);
+* the ratio of each setting's fit and whole-command times to the first setting's.
+
+    python benchmarks/study_overhead.py [--space FILE] [--checkpoint-every 1 4] [--keep]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
-
-import pandas as pd
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SPACE = REPO / "benchmarks" / "one_second_epochs.yaml"
+# The driver-side methods timed (class label: method), as printed.
+DRIVER_PARTS = (
+    "Parquet callback: on_trial_result",
+    "Parquet callback: on_trial_start",
+    "Parquet callback: on_trial_complete",
+    "W&B callback: on_trial_result",
+    "W&B callback: on_trial_complete",
+    "console callback: on_step_end",
+    "Optuna searcher: suggest",
+    "Optuna searcher: on_trial_result",
+    "Optuna searcher: on_trial_complete",
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--space", default="smoke")
-    parser.add_argument("--num-samples", type=int)
-    parser.add_argument("--keep", action="store_true", help="keep the study folder")
+    parser.add_argument("--space", default=str(DEFAULT_SPACE))
+    parser.add_argument("--checkpoint-every", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--wandb", choices=("offline", "disabled"), default="offline")
+    parser.add_argument("--keep", action="store_true", help="keep the study folders")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one study in this process
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
+    if args.one is not None:
+        run_one(args.space, args.one, Path(args.folder), args.wandb)
+        return
     root = Path(tempfile.mkdtemp(prefix="study-overhead-"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "tune_cifar.search", "--space", args.space, "--name", "bench"]
-    cmd += ["--storage-path", str(root), "--wandb", "disabled"]
-    if args.num_samples:
-        cmd += ["--num-samples", str(args.num_samples)]
-    started = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    total = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"study failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    match = re.search(r"epochs in ([0-9.]+) s", done.stdout)
-    fit = float(match.group(1)) if match else float("nan")
-
-    folder = root / "bench"
-    settings = json.loads((folder / "study.json").read_text())
-    trials = pd.read_parquet(folder / "trials")
-    epochs = pd.read_parquet(folder / "epochs")
-    space_concurrency = _concurrency(folder, len(trials))
-    compute = epochs["seconds"].sum()
-    ideal = compute / space_concurrency
-    budget = settings["num_samples"] * settings["max_epochs"]
-    trained = int(epochs.shape[0])
-
-    stopped = int((trials.status == "STOPPED").sum())
-    rows = [
-        ("wall time, whole command (Ray start, data, study)", f"{total:.1f} s"),
-        ("wall time, Tuner.fit", f"{fit:.1f} s"),
-        ("trial compute (sum of epoch seconds)", f"{compute:.1f} s"),
-        (f"ideal = compute / concurrency ({space_concurrency})", f"{ideal:.1f} s"),
-        ("orchestration overhead (fit - ideal)", f"{fit - ideal:.1f} s ({(fit - ideal) / fit:.0%} of fit)"),
-        ("epochs trained / without early stopping", f"{trained} / {budget} ({1 - trained / budget:.0%} saved)"),
-        ("trials stopped by ASHA", f"{stopped} of {len(trials)}"),
-    ]
-    print(f"study {Path(settings['space']).stem}: {len(trials)} trials, up to {settings['max_epochs']} epochs each")
-    for label, value in rows:
-        print(f"{label:<52}{value}")
+    measured = []
+    for every in args.checkpoint_every:
+        folder = root / f"every{every}"
+        command = [sys.executable, __file__, "--space", args.space, "--one", str(every), "--folder", str(folder)]
+        started = time.perf_counter()
+        done = subprocess.run([*command, "--wandb", args.wandb], cwd=REPO, capture_output=True, text=True)
+        whole = time.perf_counter() - started
+        if done.returncode != 0:
+            sys.exit(f"study with --checkpoint-every {every} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        measured.append(summarise(folder / "bench", every, whole, done.stdout))
+    print_table(measured, args.space, args.wandb)
     if args.keep:
-        print(f"study folder: {folder}")
+        print(f"study folders: {root}")
     else:
-        import shutil
-
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _concurrency(folder: Path, num_trials: int) -> int:
+def run_one(space: str, every: int, folder: Path, wandb: str) -> None:
+    """One study in this process, with the driver-side callbacks and the searcher timed."""
+    from tune_cifar import search
+
+    spent: dict[str, float] = defaultdict(float)
+    new_tuner = search._new_tuner
+
+    def timed_new_tuner(*args: Any, **kwargs: Any) -> Any:
+        # Ray is imported only now, after the driver set its environment up (as in a real run).
+        from tune_cifar import searcher, study_callbacks
+
+        for owner, label in ((study_callbacks.ParquetCallback, "Parquet callback"),
+                             (study_callbacks.WandbCallback, "W&B callback"),
+                             (study_callbacks.ConsoleCallback, "console callback"),
+                             (searcher.StudySearch, "Optuna searcher")):  # fmt: skip
+            for name in ("on_trial_start", "on_trial_result", "on_trial_complete", "suggest", "on_step_end"):
+                if name in vars(owner):
+                    setattr(owner, name, _timed(getattr(owner, name), f"{label}: {name}", spent))
+        return new_tuner(*args, **kwargs)
+
+    search._new_tuner = timed_new_tuner
+    argv = ["--space", space, "--name", "bench", "--storage-path", str(folder), "--wandb", wandb]
+    code = search.main([*argv, "--checkpoint-every", str(every)])
+    print("TIMINGS " + json.dumps(spent))
+    sys.exit(code)
+
+
+def _timed(method: Any, label: str, spent: dict[str, float]) -> Any:
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            spent[label] += time.perf_counter() - started
+
+    return wrapper
+
+
+def summarise(folder: Path, every: int, whole: float, stdout: str) -> dict[str, Any]:
+    import pandas as pd
+
+    from tune_cifar import spaces
+    from tune_cifar.trainable import CheckpointPolicy
+
+    settings = json.loads((folder / "study.json").read_text())
+    asha = spaces.load(folder / "space.yaml").asha
+    grace = (settings["grace_period"] or asha.grace_period) if asha else None
+    policy = CheckpointPolicy.for_asha(every, grace, asha.reduction_factor if asha else 1, settings["max_epochs"])
+    fit = float(re.search(r"epochs in ([0-9.]+) s", stdout).group(1))
+    callbacks = json.loads(re.search(r"^TIMINGS (.*)$", stdout, re.MULTILINE).group(1))
+    epochs = pd.read_parquet(folder / "epochs")
+    gaps: dict[bool, list[float]] = {True: [], False: []}
+    set_up = 0.0  # from the trial function's start to its first report, beyond the epoch itself
+    trial_wall = 0.0
+    for results in folder.glob("trial_*/progress.csv"):
+        rows = pd.read_csv(results).to_dict("records")
+        trial_wall += rows[-1]["time_total_s"]
+        set_up += rows[0]["time_this_iter_s"] - rows[0]["seconds"]
+        for row in rows[1:]:
+            gaps[policy.due(row["epoch"], settings["max_epochs"])].append(row["time_this_iter_s"] - row["seconds"])
+    compute = float(epochs["seconds"].sum())
+    concurrency = _concurrency(folder)
+    reporting = (sum(gaps[True]) + sum(gaps[False])) / concurrency
+    driver = sum(callbacks.values())
+    return {
+        "every": every,
+        "epochs": len(epochs),
+        "budget": settings["num_samples"] * settings["max_epochs"],
+        "whole": whole,
+        "fit": fit,
+        "ideal": compute / concurrency,
+        "per epoch": (fit - compute / concurrency) * concurrency / len(epochs),
+        "with checkpoint": _mean(gaps[True]),
+        "without checkpoint": _mean(gaps[False]),
+        "reporting": reporting,
+        "driver": driver,
+        "driver parts": callbacks,
+        "set-up": set_up / concurrency,
+        "between trials": fit - trial_wall / concurrency,
+    }
+
+
+def print_table(measured: list[dict[str, Any]], space: str, wandb: str) -> None:
+    first = measured[0]
+
+    def timed(part: str) -> Any:  # one driver-side part's seconds
+        return lambda m: f"{m['driver parts'].get(part, 0.0):.2f}"
+
+    rows: list[tuple[str, Any]] = [
+        ("--checkpoint-every", lambda m: f"{m['every']}"),
+        ("whole command, s", lambda m: f"{m['whole']:.1f}"),
+        ("Tuner.fit, s", lambda m: f"{m['fit']:.1f}"),
+        ("ideal (epoch seconds / concurrency), s", lambda m: f"{m['ideal']:.1f}"),
+        ("orchestration = fit - ideal, s", lambda m: f"{m['fit'] - m['ideal']:.1f} ({1 - m['ideal'] / m['fit']:.0%})"),
+        ("  per epoch, s", lambda m: f"{m['per epoch']:.3f}"),
+        ("  trial set-up (Trainer, THOP, loaders) to 1st report, s", lambda m: f"{m['set-up']:.1f}"),
+        ("  reporting after each later epoch, s", lambda m: f"{m['reporting']:.1f}"),
+        ("    per epoch with a checkpoint, s", lambda m: _fmt(m["with checkpoint"])),
+        ("    per epoch without one, s", lambda m: _fmt(m["without checkpoint"])),
+        ("  between trials (Ray: end, schedule, start), s", lambda m: f"{m['between trials']:.1f}"),
+        ("driver callbacks + searcher, s", lambda m: f"{m['driver']:.1f}"),
+        *[(f"  {part}, s", timed(part)) for part in DRIVER_PARTS],
+        ("epochs trained / num_samples x max_epochs", lambda m: f"{m['epochs']} / {m['budget']}"),
+        ("whole command / ideal", lambda m: f"{m['whole'] / m['ideal']:.2f}x"),
+        ("fit / first column's fit", lambda m: f"{m['fit'] / first['fit']:.2f}x"),
+    ]
+    width = max(len(label) for label, _ in rows) + 2
+    print(f"{Path(space).name}, W&B {wandb}: one column per --checkpoint-every, each a fresh study and process")
+    for label, cell in rows:
+        print(f"{label:<{width}}" + "".join(f"{cell(m):>16}" for m in measured))
+    print("Trial-side parts come from Ray's progress.csv (time_this_iter_s minus the epoch's own seconds; between")
+    print("trials = fit minus the trials' time_total_s). Driver callbacks run in Ray's event loop: they delay a")
+    print("trial only when they hold up taking its next result or starting the next trial, so they overlap the rest.")
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _concurrency(folder: Path) -> int:
     """Trials that could run at once: the space's max_concurrent, bounded by the CPUs (1 CPU a trial)."""
     from tune_cifar import spaces
 
     space = spaces.load(folder / "space.yaml")
-    cpus = os.cpu_count() or 1
-    return max(1, min(space.max_concurrent or cpus, cpus, num_trials))
+    return max(1, min(space.max_concurrent or os.cpu_count() or 1, os.cpu_count() or 1))
 
 
 if __name__ == "__main__":

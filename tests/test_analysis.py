@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,13 +17,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from tune_cifar import cli
+from tune_cifar import config as cfg
+from tune_cifar.analysis import _study, best_config, bn_landscape, gradient_flow, search_views
+from tune_cifar.tables import TrialRecord
 
-from analysis import _study, best_config, bn_landscape, gradient_flow, search_views  # noqa: E402
-from tune_cifar import cli  # noqa: E402
-from tune_cifar import config as cfg  # noqa: E402
-from tune_cifar.tables import TrialRecord  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 from tune_cifar.telemetry import layer_health  # noqa: E402
 
 # -- fabricated studies: consistent rows written with the project's own TrialRecord ---------------
@@ -349,16 +350,24 @@ def make_fake_bn_study(root: Path, steps_per_epoch: int = 40, epochs: int = 4, p
 
 
 # -- real studies: the project's own commands on synthetic data -----------------------------------
-def _run(command: list[str], timeout: float) -> None:
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def _run(command: list[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+SMOKE_CONSOLE = "smoke-console.txt"  # beside the smoke study: what its user saw (stdout, then stderr)
 
 
 @pytest.fixture(scope="session")
 def smoke_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The smoke study (8 TPE trials, ASHA, 3 epochs on 640 synthetic images): about 30 s."""
+    """The smoke study (8 TPE trials, ASHA, 3 epochs on 640 synthetic images): about 30 s.
+
+    Run as a user runs it, without RAY_AUTH_MODE (what decides whether Ray warns about tokens).
+    """
     storage = tmp_path_factory.mktemp("studies")
-    _run(
+    env = {key: value for key, value in os.environ.items() if key != "RAY_AUTH_MODE"}
+    done = _run(
         [
             sys.executable,
             "-m",
@@ -375,7 +384,9 @@ def smoke_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "disabled",
         ],
         timeout=300,
+        env=env,
     )
+    (storage / SMOKE_CONSOLE).write_text(done.stdout + done.stderr)
     return storage / "smoke"
 
 
@@ -440,6 +451,20 @@ def run_script(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_analysis_is_a_package_that_imports_neither_torch_nor_ray(fake_dir: Path) -> None:
+    """12.3: every analysis module imports without torch or Ray, and runs as ``python -m`` from any
+    folder (no sys.path inserts: the project installs it as ``tune_cifar.analysis``)."""
+    modules = ["_study", "best_config", "bn_landscape", "gradient_flow", "results", "search_views"]
+    probe = "import sys\n" + "".join(f"import tune_cifar.analysis.{name}\n" for name in modules)
+    probe += "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd="/", timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+    as_module = subprocess.run([sys.executable, "-m", "tune_cifar.analysis.gradient_flow", str(fake_dir)],
+                               capture_output=True, text=True, cwd="/", timeout=300)  # fmt: skip
+    assert as_module.returncode == 0, as_module.stderr[-2000:]
+    assert not any("sys.path" in path.read_text() for path in (REPO / "analysis").glob("*.py"))
+
+
 def parquet(folder: Path, name: str) -> pd.DataFrame:
     """The table as a user would read it, independently of the analysis code."""
     return pd.read_parquet(folder / name)
@@ -448,6 +473,16 @@ def parquet(folder: Path, name: str) -> pd.DataFrame:
 def finished(folder: Path) -> pd.DataFrame:
     trials = parquet(folder, "trials")
     return trials[trials["status"].isin(["TERMINATED", "STOPPED"])]
+
+
+# -- what a study prints ---------------------------------------------------------------------------
+def test_a_local_study_prints_no_ray_token_warning_and_its_final_line_once(smoke_dir: Path) -> None:
+    console = (smoke_dir.parent / SMOKE_CONSOLE).read_text()
+    assert "Token authentication" not in console, console[-3000:]
+    progress = [line.split("] ", 1)[1] for line in console.splitlines() if re.match(r"\[\d+:\d\d:\d\d\] ", line)]
+    assert progress and progress[-1].startswith("0 running, 0 pending, ")
+    assert progress.count(progress[-1]) == 1, progress[-3:]  # the final state, printed once
+    assert re.search(rf"^optuna: \S*python\S* -m tune_cifar\.dashboard {re.escape(str(smoke_dir))} ", console, re.M)
 
 
 # -- best_config ---------------------------------------------------------------------------------
@@ -901,6 +936,9 @@ def test_notebook_runs_top_to_bottom(
     images = [out for out in outputs if "image/png" in out.get("data", {})]
     text = "".join(out.get("text", "") for out in outputs)
     assert len(images) >= 6
+    # every figure carries its titles as alternative text (the report's HTML `alt`, `make report`)
+    alts = [out.get("metadata", {}).get("image/png", {}).get("alt", "") for out in images]
+    assert all(alt and alt != "figure" for alt in alts), alts
     if which == "bn_dir":
         assert len(images) >= 9 and "no steps table" not in text
     else:

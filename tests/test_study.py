@@ -15,6 +15,7 @@ import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -22,12 +23,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pandas as pd
 import pytest
 
 from tune_cifar import config as cfg
+from tune_cifar.study_folder import StudyContext, storage_url
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_TRIALS = 8
@@ -102,11 +105,23 @@ def test_smoke_study_completes(smoke: Study) -> None:
     assert (trials["study"] == "smoke").all()
     assert trials["macs"].gt(0).all() and trials["params"].gt(0).all() and trials["node"].notna().all()
     assert (trials.loc[trials.status == "TERMINATED", "epochs_run"] == SMOKE_EPOCHS).all()
-    assert "analyse: python analysis/best_config.py" in smoke.stdout and str(smoke.folder) in smoke.stdout
+    assert "analyse: " in smoke.stdout and str(smoke.folder) in smoke.stdout
     assert json.loads((smoke.folder / "study.json").read_text())["num_samples"] == SMOKE_TRIALS
     # the space's val_size (128 of the 640-image subset) is used as written, and said at the start
     assert "512 train / 128 validation / 128 test images" in smoke.stdout
     assert (trials["val_images"] == 128).all() and (trials["train_images"] == 512).all()
+
+
+def test_the_printed_analysis_command_works_in_a_fresh_shell(smoke: Study, tmp_path: Path) -> None:
+    """11.1: the study's closing ``analyse:`` line, run as printed by a shell with no environment
+    activated and no PYTHONPATH (the README's set-up leaves .venv unactivated)."""
+    command = next(line for line in smoke.stdout.splitlines() if line.startswith("analyse: ")).removeprefix("analyse: ")
+    report = smoke.folder / "analysis" / "report.md"
+    report.unlink(missing_ok=True)
+    fresh = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    done = subprocess.run(command, shell=True, cwd=REPO, env=fresh, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, command + "\n" + done.stderr[-3000:]
+    assert report.is_file() and "Leaderboard" in report.read_text()
 
 
 def test_asha_stopped_trials_are_pruned_in_optuna(smoke: Study) -> None:
@@ -187,13 +202,127 @@ def test_killed_worker_is_retried_from_its_checkpoint(smoke: Study) -> None:
     assert sorted(frozen.intermediate_values) == list(range(1, int(row.epochs_run) + 1))
 
 
+def test_checkpoint_every_bounds_what_a_killed_worker_redoes(tmp_path: Path, ray_tmp: Path) -> None:
+    """10.2: with ``--checkpoint-every 2`` a worker killed in epoch 4 (last checkpoint: epoch 2) is
+    retried from epoch 2, redoing epoch 3 only (at most every - 1 finished epochs), and the tables
+    hold every epoch once, with the values the retry reported."""
+    space = tmp_path / "one.yaml"
+    space.write_text(
+        "num_samples: 1\nmax_epochs: 5\nasha: null\ndata: {source: synthetic, subset: 200, val_size: 40}\n"
+        'fixed: {model: conditioned_cnn, filters: "4,8,16", batch_size: 32, augment: false}\n'
+    )
+    marker = tmp_path / "crashed"
+    env = study_env(ray_tmp, TUNE_CIFAR_CRASH_ONCE=f"{marker}:4:0")  # at once
+    args = ("--space", str(space), "--name", "k", "--storage-path", str(tmp_path), "--wandb", "disabled")
+    done = subprocess.run(search_cmd(*args, "--checkpoint-every", "2"), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert marker.exists(), "the worker was never killed"
+    # Ray's progress.csv keeps every report of both attempts (its result.json is rewound on a restore)
+    (progress,) = (tmp_path / "k").glob("trial_*/progress.csv")
+    reported = pd.read_csv(progress)
+    assert reported["epoch"].tolist() == [1, 2, 3, 3, 4, 5]  # the retry started after epoch 2
+    epochs = pd.read_parquet(tmp_path / "k" / "epochs")
+    assert epochs["epoch"].tolist() == [1, 2, 3, 4, 5]
+    retried = reported.iloc[3:].set_index("epoch")["train_loss"]
+    assert epochs.set_index("epoch")["train_loss"].loc[[3, 4, 5]].tolist() == retried.loc[[3, 4, 5]].tolist()
+    trial = pd.read_parquet(tmp_path / "k" / "trials").iloc[0]
+    assert trial["status"] == "TERMINATED" and trial["epochs_run"] == 5
+
+
+def wandb_records(path: Path) -> Iterator[Any]:
+    """The protobuf records of an offline run file (``run-*.wandb``), read independently of W&B's writer.
+
+    The file is W&B's LevelDB-style log: a 7-byte header (``:W&B``, magic, version), then 32 KiB
+    blocks of chunks, each ``crc32 (4) | length (2, LE) | type (1: full, 2: first, 3: middle,
+    4: last)`` followed by its bytes; a block's tail shorter than a chunk header is padding.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    raw, block = path.read_bytes(), 32768
+    assert raw[:4] == b":W&B", path
+    position, pieces = 7, []
+    while position + 7 <= len(raw):
+        left = block - position % block
+        if left < 7:
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[position : position + 7])
+        if kind == 0 and length == 0:  # zero padding to the block's end
+            position += left
+            continue
+        pieces.append(raw[position + 7 : position + 7 + length])
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(pieces))
+            pieces = []
+            yield record
+
+
+@dataclass
+class OfflineRun:
+    tags: list[str]
+    summary: dict[str, Any]  # top-level keys, as the summary shows them at the end
+    exit_code: int | None
+
+
+def read_offline_run(run_dir: Path) -> OfflineRun:
+    tags: list[str] = []
+    summary: dict[str, Any] = {}
+    exit_code = None
+    for record in wandb_records(next(run_dir.glob("run-*.wandb"))):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            tags = list(record.run.tags)  # the latest run record holds the tags set last
+        elif kind == "summary":
+            for item in record.summary.update:
+                key = item.key or "/".join(item.nested_key)
+                summary[key] = json.loads(item.value_json)
+        elif kind == "exit":
+            exit_code = record.exit.exit_code
+    return OfflineRun(tags, summary, exit_code)
+
+
 def test_wandb_offline_runs_with_flow_charts(smoke: Study) -> None:
+    from tune_cifar.study_callbacks import WANDB_TAGS
+    from tune_cifar.tables import HEALTH_ORDER
+
+    trials = smoke.table("trials").set_index("trial_id")
+    layers = smoke.table("layers")
     runs = sorted((smoke.folder / "wandb").glob("offline-run-*"))
-    assert {run.name.rsplit("-", 1)[-1] for run in runs} == set(smoke.table("trials")["trial_id"])
+    assert {run.name.rsplit("-", 1)[-1] for run in runs} == set(trials.index)
     for run in runs:
         assert list(run.glob("run-*.wandb"))
         tables = {path.name.split("_table")[0] for path in (run / "files" / "media" / "table").glob("*.table.json")}
         assert {"grad_flow", "update_flow"} <= tables, run
+
+        # the run ends in the trials table's words: summary status, and a tag W&B's UI can filter on
+        trial_id = run.name.rsplit("-", 1)[-1]
+        row = trials.loc[trial_id]
+        offline = read_offline_run(run)
+        assert offline.summary["status"] == row.status and offline.summary["stop_reason"] == row.stop_reason
+        assert [tag for tag in offline.tags if tag in WANDB_TAGS.values()] == [WANDB_TAGS[row.status]], run
+        assert offline.exit_code == 0  # no trial errored: W&B's own state is "finished"
+
+        # flow charts list the layers in forward order (layers.layer_index), not by name
+        mine = layers[layers.trial_id == trial_id]
+        forward = list(mine.sort_values("layer_index")["layer"].drop_duplicates())
+        assert forward != sorted(forward)  # the check could fail: the names alone sort differently
+        for chart in ("grad_flow", "update_flow"):
+            table = json.loads(next((run / "files" / "media" / "table").glob(f"{chart}_table*.json")).read_text())
+            keys = table["columns"].index("lineKey")
+            assert list(dict.fromkeys(line[keys] for line in table["data"])) == forward, chart
+
+        # per-layer health, the layers table's judgement, last epoch (0 ok, 1 vanishing, 2 exploding)
+        last = mine[mine.epoch == mine.epoch.max()]
+        assert {f"health/{r.layer}": HEALTH_ORDER.index(r.health) for r in last.itertuples()} == {
+            key: value for key, value in offline.summary.items() if key.startswith("health/")
+        }
+    stopped = trials[trials.status == "STOPPED"].index
+    assert len(stopped) >= 1 and all(
+        "asha-stopped" in read_offline_run(run).tags for run in runs if run.name.rsplit("-", 1)[-1] in stopped
+    )
 
 
 def test_a_damaged_part_file_is_named_then_rebuilt_on_resume(smoke: Study, tmp_path: Path, ray_tmp: Path) -> None:
@@ -305,7 +434,7 @@ def seeds_study(tmp_path_factory: pytest.TempPathFactory, ray_tmp: Path) -> Path
 
 def test_seeds_repeat_each_grid_point_and_tables_average_them(seeds_study: Path, ray_tmp: Path) -> None:
     """--seeds 2 on the 4-level optimizer grid: 8 trials, and each level's mean ± std rests on its 2 seeds."""
-    from analysis import _study, best_config
+    from tune_cifar.analysis import _study, best_config
 
     trials = pd.read_parquet(seeds_study / "trials")
     assert sorted(zip(trials["optimizer"], trials["seed"], strict=True)) == [
@@ -483,9 +612,8 @@ def test_searcher_tells_optuna_the_right_states_and_survives_a_lagging_checkpoin
     from tune_cifar import searcher as search_mod
     from tune_cifar import spaces
 
-    search_mod.relocate(None)
     space = spaces.load("smoke")
-    search = search_mod.StudySearch(space, tmp_path, "unit", seed=0)
+    search = search_mod.StudySearch(space, StudyContext(tmp_path, "unit"), seed=0)
     as_built = pickle.dumps(search)  # what Ray keeps in tuner.pkl
 
     def result(epoch: int, value: float) -> dict:
@@ -506,7 +634,7 @@ def test_searcher_tells_optuna_the_right_states_and_survives_a_lagging_checkpoin
     search.on_trial_complete("f", result(3, 0.6))  # after the checkpoint
     orphan_config = search.suggest("e")  # after the checkpoint: Ray will not know "e"
 
-    study = optuna.load_study(study_name="unit", storage=search_mod.storage_url(tmp_path))
+    study = optuna.load_study(study_name="unit", storage=storage_url(tmp_path))
     states = {t.user_attrs["ray_trial_id"]: t for t in study.get_trials()}
     assert states["a"].state == optuna.trial.TrialState.COMPLETE and states["a"].value == pytest.approx(0.51)
     assert states["a"].intermediate_values == {1: 0.1, 2: 0.2, 3: 0.5}
@@ -523,9 +651,9 @@ def test_searcher_tells_optuna_the_right_states_and_survives_a_lagging_checkpoin
     restored.on_trial_result("c", result(2, 0.25))  # the errored trial, retried by --resume
     restored.on_trial_complete("c", result(3, 0.35))
     restored.on_trial_complete("g", result(1, 0.01))
-    assert search_mod.finish_study(tmp_path, "unit") == 0
+    assert search_mod.finish_study(StudyContext(tmp_path, "unit")) == 0
 
-    trials = optuna.load_study(study_name="unit", storage=search_mod.storage_url(tmp_path)).get_trials()
+    trials = optuna.load_study(study_name="unit", storage=storage_url(tmp_path)).get_trials()
     by_ray = {t.user_attrs["ray_trial_id"]: t for t in trials}
     assert len(trials) == 5 and set(by_ray) == {"a", "b", "c", "f", "g"}  # every Ray trial exactly once
     assert by_ray["f"].state == optuna.trial.TrialState.COMPLETE and by_ray["f"].value == pytest.approx(0.61)
@@ -541,11 +669,11 @@ def test_errored_trials_fail_when_the_study_ends(tmp_path: Path) -> None:
     from tune_cifar import searcher as search_mod
     from tune_cifar import spaces
 
-    search = search_mod.StudySearch(spaces.load("smoke"), tmp_path, "errors", seed=1)
+    search = search_mod.StudySearch(spaces.load("smoke"), StudyContext(tmp_path, "errors"), seed=1)
     search.suggest("x")
     search.on_trial_complete("x", error=True)
-    assert search_mod.finish_study(tmp_path, "errors") == 1
-    (trial,) = optuna.load_study(study_name="errors", storage=search_mod.storage_url(tmp_path)).get_trials()
+    assert search_mod.finish_study(StudyContext(tmp_path, "errors")) == 1
+    (trial,) = optuna.load_study(study_name="errors", storage=storage_url(tmp_path)).get_trials()
     assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["stop_reason"] == "error"
 
 
@@ -553,7 +681,7 @@ def test_searcher_limits_concurrency_itself(tmp_path: Path) -> None:
     from tune_cifar import searcher as search_mod
     from tune_cifar import spaces
 
-    search = search_mod.StudySearch(spaces.load("smoke"), tmp_path, "limit", seed=0, max_concurrent=2)
+    search = search_mod.StudySearch(spaces.load("smoke"), StudyContext(tmp_path, "limit"), seed=0, max_concurrent=2)
     assert search.suggest("a") is not None and search.suggest("b") is not None
     assert search.suggest("c") is None  # two live trials already
     search.on_trial_complete("a", {"epoch": 1, "val_acc": 0.1, "config/epochs": 3})
@@ -632,6 +760,41 @@ def test_two_drivers_started_together_one_runs_one_is_refused(tmp_path: Path, ra
     assert len(pd.read_parquet(tmp_path / "s" / "t" / "trials")) == 2
 
 
+def test_resume_with_more_samples_adds_trials_and_never_shrinks(tmp_path: Path, ray_tmp: Path) -> None:
+    """11.3: ``--resume --num-samples N`` on a finished 3-trial study runs N - 3 more trials, each once in
+    Ray, Parquet and Optuna (whose new trials TPE samples from the same database); the summary counts
+    the whole study; fewer trials than the study has is refused, leaving it as it was."""
+    space = tmp_path / "grow.yaml"
+    space.write_text(REPRODUCIBLE_SPACE.replace("num_samples: 12", "num_samples: 3"))
+    command = search_cmd("--space", str(space), "--name", "g", "--storage-path", str(tmp_path / "s"))
+    command += ["--wandb", "disabled", "--max-concurrent", "1"]
+    first = subprocess.run(command, cwd=REPO, env=study_env(ray_tmp), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    folder = tmp_path / "s" / "g"
+    grown = subprocess.run([*command, "--resume", "--num-samples", "5"], cwd=REPO, env=study_env(ray_tmp),
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
+    assert "study g: 5 trials" in grown.stdout
+
+    from ray.tune import ExperimentAnalysis
+
+    ray_ids = {t.trial_id for t in ExperimentAnalysis(str(folder)).trials}
+    trials = pd.read_parquet(folder / "trials")
+    study = optuna.load_study(study_name="g", storage=f"sqlite:///{folder / 'optuna.db'}")
+    assert len(ray_ids) == 5 and set(trials["trial_id"]) == ray_ids and trials["trial_id"].is_unique
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3, 4]
+    assert {t.user_attrs["ray_trial_id"] for t in study.trials} == ray_ids
+    assert all(t.state.is_finished() for t in study.trials)
+    assert json.loads((folder / "study.json").read_text())["num_samples"] == 5
+
+    before = _files(folder)
+    shrunk = subprocess.run([*command, "--resume", "--num-samples", "2"], cwd=REPO, env=study_env(ray_tmp),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert shrunk.returncode == 2 and "--num-samples 2: the study was started with 5" in shrunk.stderr
+    assert shrunk.stderr.count("\n") == 1
+    assert _files(folder) == before
+
+
 def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path: Path, ray_tmp: Path) -> None:
     space = tmp_path / "long.yaml"
     space.write_text(REPRODUCIBLE_SPACE)
@@ -642,7 +805,9 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path: Path, ray_tmp: Path) 
     driver.send_signal(signal.SIGINT)
     out, err = driver.communicate(timeout=300)
     assert driver.returncode == 130, out[-2000:] + err[-2000:]
-    assert "did not finish; continue with: python -m tune_cifar.search --resume --name c" in out
+    resume = next(line for line in out.splitlines() if "did not finish; continue with: " in line)
+    assert resume.split("continue with: ")[1].endswith("python -m tune_cifar.search --resume --name c --storage-path "
+                                                        f"{tmp_path / 's'}")  # fmt: skip
 
 
 def test_a_refused_trial_configuration_is_a_row_not_a_dead_study() -> None:

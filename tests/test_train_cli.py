@@ -53,6 +53,40 @@ def test_single_run_writes_the_study_tables_and_weights(tmp_path):
     model.load_state_dict(torch.load(out / "model.pt"))  # the saved weights fit the config
 
 
+def test_progress_inside_an_epoch_on_a_terminal_only(tmp_path):
+    """11.4: on a terminal, a line rewritten in place with images/s and the ETA inside each epoch;
+    into a pipe or file, only the one line per epoch. The terminal is a real pseudo-terminal."""
+    import os
+    import pty
+    import re
+
+    config = write_config(tmp_path / "c.yaml", "model: conditioned_cnn\nfilters: [4, 8, 16]\nbatch_size: 16\n")
+    args = ["--config", str(config), "--epochs", "1", "--subset", "400", "--threads", "1"]
+    master, slave = pty.openpty()
+    command = [sys.executable, "-m", "tune_cifar.train", *args, "--out", str(tmp_path / "tty")]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    stdout = process.communicate(timeout=600)[0].decode()
+    terminal = b"".join(chunks).decode()
+    assert process.returncode == 0, terminal[-2000:]
+    assert re.search(r"\repoch +1/1  step \d+/\d+  \d+ img/s  ETA \d+:\d\d", terminal), terminal[-500:]
+    assert terminal.endswith("\r\x1b[K") and "epoch   1/1" in stdout  # cleared before the epoch's line
+
+    piped = train(*args, "--out", str(tmp_path / "pipe"))
+    assert piped.returncode == 0 and "epoch   1/1" in piped.stdout
+    assert "step " not in piped.stderr and "\r" not in piped.stderr + piped.stdout
+
+
 def test_reads_official_batches_from_data_dir(tmp_path, cifar_dir):
     out = tmp_path / "run"
     result = train(

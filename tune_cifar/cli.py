@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -29,6 +30,21 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def python_command(*args: str | Path) -> str:
+    """A shell command running this interpreter, for the commands a program prints.
+
+    ``python`` in a fresh shell is often not the environment the project is installed in (the
+    README's set-up makes ``.venv`` without activating it), so printed commands name the running
+    interpreter: relative (``.venv/bin/python``) when it lives under the current folder.
+    """
+    python = Path(sys.executable)
+    try:
+        shown = str(python.relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(python)
+    return shlex.join([shown, *map(str, args)])
 
 
 def require_writable(path: Path, flag: str) -> None:

@@ -44,8 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from tune_cifar.config import read_yaml
 from tune_cifar.errors import UsageError
 
 # Set to 1 when a local --storage-path is a filesystem shared by every node (NFS, EFS, ...).
@@ -171,8 +170,8 @@ def autoscaler_config() -> Autoscaler | None:
     if found == "":
         return Autoscaler(node_types=(), provider="none", max_workers=0, source="monitor without autoscaling config")
     try:
-        config = yaml.safe_load(Path(found).expanduser().read_text())
-    except (OSError, yaml.YAMLError):
+        config = read_yaml(Path(found).expanduser())
+    except UsageError:
         return None
     return parse_autoscaler_config(config, source=found)
 

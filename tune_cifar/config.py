@@ -12,6 +12,7 @@ samples only active keys and the ``trials`` table leaves inactive ones null.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "sign_sgd")
 SCHEDULERS = ("none", "step", "plateau", "cosine")
 LOSSES = ("cross_entropy", "focal", "mse", "label_smoothing")
 PRECISIONS = ("auto", "fp32", "bf16")  # see tune_cifar.precision
+DATA_SOURCES = ("cifar10", "synthetic")  # what --data and a space's data.source may name
 
 # small_cnn and vgg_a are fixed architectures (the first report's network, VGG-A); only the
 # conditioned CNN has configurable widths.
@@ -80,6 +82,12 @@ class TrainConfig:
 
 KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig))
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def field_type(key: str) -> str:
+    """A key's value type as the dataclass spells it: ``"int"``, ``"float"``, ``"bool"``, ``"str"``,
+    or the filters tuple's annotation. Schemas, spaces and analysis ask here."""
+    return _FIELD_TYPES[key]
 
 # key -> (the key it depends on, the values of that key under which it is active). A key is
 # active when its parent is active and holds one of those values.
@@ -158,18 +166,27 @@ def from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
     return TrainConfig(**coerced)
 
 
-def from_row(row: dict[str, Any]) -> TrainConfig:
-    """The configuration of a ``trials`` row (as pandas reads it): nulls are inactive keys, numpy
-    scalars become Python ones, columns that are not vocabulary keys are ignored."""
-    values = {}
+def from_values(values: Mapping[str, Any], source: str = "config") -> TrainConfig:
+    """The configuration among ``values`` that may hold more than the vocabulary: a Ray trial's
+    config, a ``trials`` row as pandas reads it. Other keys are ignored, nulls (None, NaN) are
+    inactive keys, numpy scalars become Python ones."""
+    kept = {}
     for key in KEYS:
-        value = row.get(key)
+        value = values.get(key)
         value = value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
-        if value is None or (isinstance(value, float) and value != value):
-            continue
-        values[key] = value
-    source = f"trial {row['trial_id']}" if row.get("trial_id") is not None else "trial"
-    return from_dict(values, source=source)
+        if not _is_null(value):
+            kept[key] = value
+    return from_dict(kept, source=source)
+
+
+def _is_null(value: Any) -> bool:
+    """None, NaN, or pandas' NA (nullable columns), without importing pandas."""
+    return value is None or type(value).__name__ == "NAType" or (isinstance(value, float) and value != value)
+
+
+def from_row(row: Mapping[str, Any]) -> TrainConfig:
+    """The configuration of a ``trials`` row."""
+    return from_values(row, source=f"trial {row['trial_id']}" if row.get("trial_id") is not None else "trial")
 
 
 def parse_assignments(assignments: list[str], flag: str = "--set") -> dict[str, Any]:
@@ -193,15 +210,22 @@ def parse_assignments(assignments: list[str], flag: str = "--set") -> dict[str, 
     return held
 
 
-def load(path: str | Path) -> TrainConfig:
-    """Read a YAML config file (a mapping of vocabulary keys)."""
+def read_yaml(path: str | Path, what: str = "a YAML file") -> Any:
+    """The parsed content of a YAML file; a missing or unreadable file is a one-line :class:`UsageError`."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"config file not found: {path}")
+        raise UsageError(f"{what} not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read it ({exc})") from None
     except yaml.YAMLError as exc:
         raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def load(path: str | Path) -> TrainConfig:
+    """Read a YAML config file (a mapping of vocabulary keys)."""
+    values = read_yaml(path, "config file") or {}
     if not isinstance(values, dict):
         raise UsageError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
     return from_dict(values, source=str(path))

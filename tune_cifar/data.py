@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tune_cifar import config as cfg
 from tune_cifar.errors import UsageError
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -52,7 +53,6 @@ FOLDER = "cifar-10-batches-py"  # what the official archive unpacks to
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 PAD = 4  # random-crop padding, in pixels
-SOURCES = ("cifar10", "synthetic")
 
 _LOCK = ".cifar-10.lock"
 _TEMP_PREFIX = ".cifar-10-tmp-"  # half-downloaded archives and half-extracted folders
@@ -380,7 +380,7 @@ def load_splits(
     elif source == "synthetic":
         train_x, train_y, test_x, test_y = synthetic_cifar(seed=seed)
     else:
-        raise UsageError(f"unknown data source {source!r} (choose from {', '.join(SOURCES)})")
+        raise UsageError(f"unknown data source {source!r} (choose from {', '.join(cfg.DATA_SOURCES)})")
 
     if subset is not None:
         pool = len(train_y)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,19 +29,11 @@ from tune_cifar.models import build_model
 from tune_cifar.optim import LrSchedule, apply_l1, build_optimizer, decayed_parameters
 from tune_cifar.precision import autocast
 from tune_cifar.precision import resolve as resolve_precision
+from tune_cifar.tables import EpochReport
 from tune_cifar.telemetry import Telemetry, count_macs, worst_health
 
 EVAL_BATCH_SIZE = 1000
 PROBE_STEP_SIZES = (0.5, 1.0, 2.0, 4.0)  # multiples of the current lr, as Santurkar et al. (2018)
-
-
-@dataclass
-class EpochReport:
-    """What one epoch produced: one ``epochs`` row, its ``layers`` rows and its ``steps`` rows."""
-
-    epoch: dict[str, Any]
-    layers: list[dict[str, Any]]
-    steps: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Trainer:
@@ -112,10 +104,11 @@ class Trainer:
         return loss, logits, probed
 
     # -- one epoch -------------------------------------------------------------------------
-    def train_epoch(self) -> EpochReport:
+    def train_epoch(self, on_step: Callable[[int, int], None] | None = None) -> EpochReport:
         """Train one epoch, validate, step the schedule; returns the epoch's table rows.
 
-        Sums stay on the device and reach the host once, at the end of the epoch.
+        Sums stay on the device and reach the host once, at the end of the epoch. ``on_step``
+        (a progress display) hears ``(steps done, steps in the epoch)`` after every step.
         """
         config = self.config
         self.epoch += 1
@@ -136,6 +129,8 @@ class Trainer:
             if step_losses is not None:
                 step_losses[i] = loss.detach()
                 step_rows.append({"step": self.step, "epoch": self.epoch, "lr": self.schedule.lr, **probed})
+            if on_step is not None:
+                on_step(i + 1, len(self.train_loader))
         lr_last = self.schedule.lr  # before step_epoch sets the next epoch's
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

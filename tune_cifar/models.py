@@ -27,8 +27,8 @@ from collections.abc import Iterable
 from torch import Tensor, nn
 
 from tune_cifar.config import TrainConfig
+from tune_cifar.data import NUM_CLASSES
 
-NUM_CLASSES = 10
 IMAGE_SIZE = 32  # CIFAR-10 images are 3x32x32
 
 # VGG-A ("configuration A" of Simonyan & Zisserman 2015): conv widths, "M" a 2x2 max-pool.

@@ -26,15 +26,15 @@ from typing import Any
 
 from tune_cifar import cli, spaces
 from tune_cifar import config as cfg
+from tune_cifar.cluster import is_remote_storage
 from tune_cifar.driver_lock import LOCK_FILE, DriverLock
 from tune_cifar.errors import UsageError
-from tune_cifar.tables import write_atomic_text
+from tune_cifar.study_folder import OPTUNA_DB, SETTINGS_FILE, SPACE_COPY, StudyContext
+from tune_cifar.tables import TABLES, write_atomic_text
 
 DEFAULT_STORAGE = "studies"
 EXIT_INCOMPLETE = 3  # trials left unfinished (resume with --resume)
 EXIT_INTERRUPTED = 130  # stopped by Ctrl-C (the shell's convention for SIGINT); resume with --resume
-SETTINGS_FILE = "study.json"
-SPACE_COPY = "space.yaml"
 # Flags that define what a study is; --resume takes them from study.json, not the command line.
 STUDY_FLAGS = (
     "space",
@@ -58,7 +58,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--storage-path", default=DEFAULT_STORAGE, help="folder or URI (s3://...) for studies")
     parser.add_argument("--num-samples", type=int, help="trials (default: the space's num_samples)")
     parser.add_argument("--max-epochs", type=int, help="epochs per trial and ASHA's max_t (default: the space's)")
-    parser.add_argument("--data", choices=spaces.SOURCES, help="dataset (default: the space's)")
+    parser.add_argument("--data", choices=cfg.DATA_SOURCES, help="dataset (default: the space's)")
     parser.add_argument("--data-dir", help="folder holding (or receiving) cifar-10-batches-py/ on the driver")
     parser.add_argument("--subset", type=int, help="a stratified sample of N training+validation images")
     parser.add_argument("--val-size", type=int, help="validation images out of the training pool (default: a tenth)")
@@ -98,6 +98,12 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions share one (default 1 if any)")
     parser.add_argument("--max-concurrent", type=int, help="trials at once (default: the space's, else all that fit)")
     parser.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial from its checkpoint")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        help="checkpoint every N epochs, and always at ASHA's rungs and the last epoch (1)",
+    )
     parser.add_argument("--address", help="join a running Ray cluster (host:port, auto or ray://...)")
     parser.add_argument(
         "--keep-checkpoints",
@@ -111,7 +117,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
         raise UsageError("--space is required (or --resume --name NAME to continue a study)")
     if args.resume and not args.name:
         raise UsageError("--resume needs --name of the study to continue")
-    for flag in ("num_samples", "max_epochs", "subset", "max_concurrent", "seeds", "grace_period"):
+    for flag in ("num_samples", "max_epochs", "subset", "max_concurrent", "seeds", "grace_period", "checkpoint_every"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
@@ -191,9 +197,9 @@ class StudyPaths:
     def __init__(self, storage: str, name: str):
         if "/" in name or name in (".", "..") or not name.strip():
             raise UsageError(f"--name must be a plain folder name, got {name!r}")
-        self.remote = "://" in storage
+        self.remote = is_remote_storage(storage)
         self.name = name
-        self.storage = storage if self.remote else str(Path(storage).expanduser().resolve())
+        self.storage = storage if self.remote else str(Path(storage.removeprefix("file://")).expanduser().resolve())
         self.experiment = f"{self.storage.rstrip('/')}/{name}"
         self.local = (Path(DEFAULT_STORAGE) / name).resolve() if self.remote else Path(self.experiment)
 
@@ -214,7 +220,7 @@ class StudyPaths:
         fs, path = pyarrow.fs.FileSystem.from_uri(self.experiment)
         local = pyarrow.fs.LocalFileSystem()
         self.local.mkdir(parents=True, exist_ok=True)
-        for item in ("trials", "epochs", "layers", "steps", "optuna.db", SETTINGS_FILE, SPACE_COPY):
+        for item in (*TABLES, OPTUNA_DB, SETTINGS_FILE, SPACE_COPY):
             source, target = (str(self.local / item), f"{path}/{item}")
             source_fs, target_fs = local, fs
             if direction == "down":
@@ -241,6 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings, space = _resume_settings(args, paths)
         lock = lock or DriverLock(paths.local).acquire()
         restore = _has_ray_state(paths)
+        if args.num_samples is not None:  # the study grew (a smaller number was refused): record its new size
+            stored = json.loads((paths.local / SETTINGS_FILE).read_text())
+            stored["num_samples"] = settings.num_samples
+            write_atomic_text(paths.local / SETTINGS_FILE, json.dumps(stored, indent=2) + "\n")
     else:
         space = spaces.load(args.space)
         name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -283,7 +293,7 @@ def _discard_unstarted(paths: StudyPaths) -> None:
     (Ray never saved the experiment), so an Optuna database it may have created holds no result."""
     if any((paths.local / "trials").glob("part-*.parquet")):
         raise UsageError(f"{paths.local}: trial tables but no Ray experiment state; cannot resume it")
-    for started in ("optuna.db", "tuner.pkl"):
+    for started in (OPTUNA_DB, "tuner.pkl"):
         (paths.local / started).unlink(missing_ok=True)
 
 
@@ -305,6 +315,11 @@ def _start(args: Any, settings: Settings, space: spaces.Space, paths: StudyPaths
     if args.address is None:
         # A study on this machine needs no network: bind Ray to the loopback address (read at import).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Ray 2.60 turns token authentication on for a new local cluster when RAY_AUTH_MODE is
+        # unset, and warns that it did so (ray/_private/authentication/authentication_token_setup.py,
+        # enable_token_auth_by_default). Asking for that same mode explicitly keeps the protection
+        # (loopback is reachable by every local user) and drops a warning the user can do nothing about.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Ray's TensorBoard logger cannot hold the per-layer lists; the JSON and CSV loggers are added explicitly.
@@ -340,6 +355,11 @@ def _resume_settings(args: Any, paths: StudyPaths) -> tuple[Settings, spaces.Spa
     if not settings_path.is_file():
         raise UsageError(f"{paths.local}: not a tune-cifar study (no {SETTINGS_FILE})")
     settings = Settings(**json.loads(settings_path.read_text()))
+    space = spaces.load(paths.local / SPACE_COPY)
+    if args.num_samples is not None and args.num_samples > settings.num_samples:
+        if space.grid or settings.seeds > 1:
+            raise UsageError(f"--num-samples {args.num_samples}: a grid study runs each combination once")
+        settings.num_samples = args.num_samples  # more trials: TPE goes on from optuna.db, ASHA from its rungs
     for flag in STUDY_FLAGS:
         given = getattr(args, flag)
         if given is None:
@@ -353,7 +373,7 @@ def _resume_settings(args: Any, paths: StudyPaths) -> tuple[Settings, spaces.Spa
     if args.wandb:
         settings.wandb = args.wandb
     settings.data_dir = args.data_dir or settings.data_dir
-    return settings, spaces.load(paths.local / SPACE_COPY)
+    return settings, space
 
 
 def _stored_and_given(flag: str, settings: Settings, given: Any) -> tuple[Any, Any]:
@@ -435,94 +455,141 @@ def _run(
     one_node: bool,
     restore: bool,
 ) -> int:
+    """Build or restore the Tuner, fit it, and close the study: the study proper."""
+    from ray import tune
+
+    from tune_cifar.trainable import CheckpointPolicy, train_trial
+
+    grace = (settings.grace_period or space.asha.grace_period) if space.asha else None
+    factor = space.asha.reduction_factor if space.asha else 1
+    checkpoints = CheckpointPolicy.for_asha(args.checkpoint_every, grace, factor, settings.max_epochs)
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, splits=splits, cpus=cpus, gpus=gpus, checkpoints=checkpoints),
+        {"cpu": cpus, "gpu": gpus},
+    )
+    # What the searcher and callbacks write to, restored ones included (see tune_cifar.study_folder).
+    study = StudyContext.open(paths.local, settings.name, settings.num_samples)
+    started = time.monotonic()
+    try:
+        if restore:
+            tuner = _restored_tuner(trainable, settings, paths, study)
+        else:
+            tuner = _new_tuner(trainable, args, settings, space, paths, study, one_node)
+            print(
+                f"study {settings.name}: {settings.num_samples} trials x up to {settings.max_epochs} epochs of "
+                f"{space.name} on {settings.data} ({len(splits.train_y):,} train / {len(splits.val_y):,} validation / "
+                f"{len(splits.test_y):,} test images), {cpus:g} CPU + {gpus:g} GPU per trial -> {paths.local}",
+                flush=True,
+            )
+        with _sigint_seen() as interrupted:
+            results = tuner.fit()
+    finally:
+        study.close()
+    return _close(args, settings, space, paths, study, results, time.monotonic() - started, interrupted())
+
+
+def _restored_tuner(trainable: Any, settings: Settings, paths: StudyPaths, study: StudyContext) -> Any:
+    """The Tuner of a study Ray saved, its damaged tables rebuilt first (local studies)."""
+    from ray import tune
+
+    from tune_cifar import study_callbacks
+
+    if not paths.remote:  # Ray's per-trial results, which the rebuild replays, are local only here
+        for line in study_callbacks.repair_tables(study):
+            print(line, flush=True)
+    tuner = tune.Tuner.restore(paths.experiment, trainable, resume_unfinished=True, resume_errored=True)
+    print(f"resuming study {settings.name} ({settings.num_samples} trials) from {paths.experiment}", flush=True)
+    return tuner
+
+
+def _new_tuner(
+    trainable: Any,
+    args: Any,
+    settings: Settings,
+    space: spaces.Space,
+    paths: StudyPaths,
+    study: StudyContext,
+    one_node: bool,
+) -> Any:
+    """The Tuner of a new study: TPE (our searcher), ASHA or FIFO, and the study's callbacks."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from tune_cifar import searcher, study_callbacks
-    from tune_cifar.trainable import train_trial, trial_dirname
+    from tune_cifar.trainable import trial_dirname
 
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, splits=splits, cpus=cpus, gpus=gpus), {"cpu": cpus, "gpu": gpus}
+    if args.resume:  # the earlier driver died before Ray saved anything: start the study it wrote down
+        _discard_unstarted(paths)
+        print(f"study {settings.name} never started: starting it from {paths.local / SETTINGS_FILE}", flush=True)
+    callbacks: list[Any] = [JsonLoggerCallback(), CSVLoggerCallback(), study_callbacks.ParquetCallback(study)]
+    if settings.wandb != "disabled":
+        callbacks.append(study_callbacks.WandbCallback(study, settings.wandb))
+    callbacks.append(study_callbacks.ConsoleCallback(study, settings.max_epochs))
+    scheduler = (
+        ASHAScheduler(
+            time_attr="epoch",  # the trainer's own count, also across retries from older checkpoints
+            max_t=settings.max_epochs,
+            grace_period=settings.grace_period or space.asha.grace_period,
+            reduction_factor=space.asha.reduction_factor,
+        )
+        if space.asha
+        else FIFOScheduler()
     )
-    searcher.relocate(paths.local)
-    study_callbacks.relocate(paths.local)
-    started = time.monotonic()
-    if restore and not paths.remote:  # Ray's results are local only in a local study
-        for line in study_callbacks.repair_tables(paths.local, settings.name):
-            print(line, flush=True)
-        tuner = tune.Tuner.restore(paths.experiment, trainable, resume_unfinished=True, resume_errored=True)
-        print(f"resuming study {settings.name} from {paths.experiment}", flush=True)
-    else:
-        if args.resume:  # the earlier driver died before Ray saved anything: start the study it wrote down
-            _discard_unstarted(paths)
-            print(f"study {settings.name} never started: starting it from {paths.local / SETTINGS_FILE}", flush=True)
-        callbacks: list[Any] = [
-            JsonLoggerCallback(),
-            CSVLoggerCallback(),
-            study_callbacks.ParquetCallback(paths.local, settings.name),
-        ]
-        if settings.wandb != "disabled":
-            callbacks.append(study_callbacks.WandbCallback(paths.local, settings.name, settings.wandb))
-        callbacks.append(study_callbacks.ConsoleCallback(settings.num_samples, settings.max_epochs))
-        scheduler = (
-            ASHAScheduler(
-                time_attr="training_iteration",
-                max_t=settings.max_epochs,
-                grace_period=settings.grace_period or space.asha.grace_period,
-                reduction_factor=space.asha.reduction_factor,
-            )
-            if space.asha
-            else FIFOScheduler()
-        )
-        space = _with_settings(space, settings)
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                metric=searcher.METRIC,
-                mode="max",
-                search_alg=searcher.StudySearch(
-                    space,
-                    paths.local,
-                    settings.name,
-                    seed=settings.seed,
-                    max_concurrent=args.max_concurrent or space.max_concurrent or 0,
-                ),
-                scheduler=scheduler,
-                num_samples=settings.num_samples,
-                reuse_actors=one_node,
-                trial_dirname_creator=trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=settings.name,
-                storage_path=paths.storage,
-                callbacks=callbacks,
-                failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                verbose=0,
-            ),
-        )
-        print(
-            f"study {settings.name}: {settings.num_samples} trials x up to {settings.max_epochs} epochs of "
-            f"{space.name} on {settings.data} ({len(splits.train_y):,} train / {len(splits.val_y):,} validation / "
-            f"{len(splits.test_y):,} test images), {cpus:g} CPU + {gpus:g} GPU per trial -> {paths.local}",
-            flush=True,
-        )
-    with _sigint_seen() as interrupted:
-        results = tuner.fit()
+    search = searcher.StudySearch(
+        _with_settings(space, settings),
+        study,
+        seed=settings.seed,
+        max_concurrent=args.max_concurrent or space.max_concurrent or 0,
+    )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=searcher.METRIC,
+            mode="max",
+            search_alg=searcher.StudyTrials(search),
+            scheduler=scheduler,
+            num_samples=settings.num_samples,
+            reuse_actors=one_node,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=settings.name,
+            storage_path=paths.storage,
+            callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=0,
+        ),
+    )
+
+
+def _close(
+    args: Any,
+    settings: Settings,
+    space: spaces.Space,
+    paths: StudyPaths,
+    study: StudyContext,
+    results: Any,
+    wall_s: float,
+    interrupted: bool,
+) -> int:
+    """After the fit: a finished study is closed in Optuna and rid of spare checkpoints; then the
+    summary, and for an unfinished one the command that continues it. Returns the exit code."""
     unfinished = settings.num_samples - results.num_terminated - results.num_errors
     if not unfinished:
-        searcher.finish_study(paths.local, settings.name)
+        from tune_cifar import searcher
+
+        searcher.finish_study(study)
         if not args.keep_checkpoints:
             _remove_finished_checkpoints(paths)
     paths.sync("up")
-    code = _report(settings, space, paths, results, time.monotonic() - started)
+    code = _report(settings, _with_settings(space, settings), paths, results, wall_s)
     if unfinished:
-        resume = f"python -m tune_cifar.search --resume --name {settings.name}"
-        if paths.storage != str(Path(DEFAULT_STORAGE).resolve()):
-            resume += f" --storage-path {paths.storage}"
+        where = () if paths.storage == str(Path(DEFAULT_STORAGE).resolve()) else ("--storage-path", paths.storage)
+        resume = cli.python_command("-m", "tune_cifar.search", "--resume", "--name", settings.name, *where)
         print(f"incomplete: {unfinished} of {settings.num_samples} trials did not finish; continue with: {resume}")
-        return EXIT_INTERRUPTED if interrupted() else EXIT_INCOMPLETE
+        return EXIT_INTERRUPTED if interrupted else EXIT_INCOMPLETE
     return code
 
 
@@ -613,10 +680,10 @@ def _report(settings: Settings, space: spaces.Space, paths: StudyPaths, results:
         print("  " + " ".join(f"{key}={_short(value)}" for key, value in values.items()))
     where = paths.local
     print(f"tables: {where}/{{trials,epochs,layers}}/ (Parquet; Ray experiment: {paths.experiment})")
-    print(f"optuna: optuna-dashboard sqlite:///{where / 'optuna.db'}  (study name {settings.name!r})")
+    print(f"optuna: {cli.python_command('-m', 'tune_cifar.dashboard', where)}  (study name {settings.name!r})")
     if settings.wandb == "offline":
-        print(f"wandb:  wandb sync {where}/wandb/offline-run-*")
-    print(f"analyse: python analysis/best_config.py {where}")
+        print(f"wandb:  {cli.python_command('-m', 'wandb', 'sync')} {where}/wandb/offline-run-*")
+    print(f"analyse: {cli.python_command('-m', 'tune_cifar.analysis.best_config', where)}")
     errors = getattr(results, "errors", [])
     return 1 if len(errors) == len(trials) and len(trials) else 0
 

@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tune_cifar import config as cfg
 from tune_cifar.errors import UsageError
 
@@ -50,7 +48,6 @@ TOP_KEYS = (
 )
 DATA_KEYS = ("source", "subset", "val_size")
 ASHA_KEYS = ("grace_period", "reduction_factor")
-SOURCES = ("cifar10", "synthetic")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "logint")
 
 
@@ -174,7 +171,7 @@ class Space:
 
     def trial_config(self, values: dict[str, Any]) -> cfg.TrainConfig:
         """The training config of one trial's values (sampled + constants)."""
-        return cfg.from_dict({key: value for key, value in values.items() if key in cfg.KEYS}, source=str(self.path))
+        return cfg.from_values(values, source=str(self.path))
 
 
 def check_max_epochs(space: Space, max_epochs: int, held: dict[str, Any] | None = None) -> None:
@@ -226,6 +223,7 @@ class DefineByRun:
         self.seed = seed
 
     def __call__(self, trial: Any) -> dict[str, Any]:
+        """The trial's configuration values: the space's constants and the keys sampled into ``trial``."""
         values = self.space.constants(self.seed)
         for key in self.space.sampled_keys:
             if key not in cfg.active_keys(values):
@@ -234,7 +232,7 @@ class DefineByRun:
                 values[key] = trial.suggest_categorical(key, list(self.space.grid[key]))
             else:
                 values[key] = self.space.params[key].suggest(trial, key)
-        return {key: value for key, value in values.items() if key not in self.space.sampled_keys}
+        return values
 
 
 def load(name_or_path: str | Path) -> Space:
@@ -279,12 +277,7 @@ def load_config_file(path: str | Path) -> cfg.TrainConfig:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UsageError(f"space file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    raw = cfg.read_yaml(path, "space file")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -298,58 +291,79 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
 
     _check_known(raw, TOP_KEYS, "top level", fail)
     max_epochs = _positive_int(raw.get("max_epochs", cfg.TrainConfig.epochs), "max_epochs", fail)
+    source, subset, val_size = _parse_data(raw, fail)
+    concurrent = raw.get("max_concurrent")
+    fixed, params, grid = _parse_sections(path, raw, max_epochs, fail)
+    description = raw.get("description") or ""
+    if not isinstance(description, str):
+        raise fail("description", "must be text")
+    space = Space(
+        name=path.stem,
+        path=path,
+        description=description.strip(),
+        num_samples=_parse_num_samples(raw, params, grid, fail),
+        max_epochs=max_epochs,
+        source=source,
+        subset=subset,
+        val_size=val_size,
+        asha=_parse_asha(raw, max_epochs, fail),
+        max_concurrent=None if concurrent is None else _positive_int(concurrent, "max_concurrent", fail),
+        fixed=fixed,
+        params=params,
+        grid=grid,
+        seeds=_positive_int(raw.get("seeds", 1), "seeds", fail),
+    )
+    space.repeated(space.seeds)  # a space that cannot be repeated fails here, with the file named
+    return space
+
+
+def _parse_data(raw: dict[str, Any], fail: Any) -> tuple[str, int | None, int | None]:
+    """``data:``: the source, the training subset and the validation count."""
     data = _mapping(raw.get("data"), "data", fail)
     _check_known(data, DATA_KEYS, "data", fail)
     source = data.get("source", "cifar10")
-    if source not in SOURCES:
-        raise fail("data.source", f"unknown source {source!r} (choose from {', '.join(SOURCES)})")
+    if source not in cfg.DATA_SOURCES:
+        raise fail("data.source", f"unknown source {source!r} (choose from {', '.join(cfg.DATA_SOURCES)})")
     subset = None if data.get("subset") is None else _positive_int(data["subset"], "data.subset", fail)
     val_size = data.get("val_size")  # None: a tenth of the training pool
     if val_size is not None:
         val_size = _positive_int(val_size, "data.val_size", fail, minimum=0)
-    asha = None
-    if raw.get("asha", {}) is not None:  # absent: defaults; explicit null: no early stopping
-        spec = _mapping(raw.get("asha"), "asha", fail)
-        _check_known(spec, ASHA_KEYS, "asha", fail)
-        grace = _positive_int(spec.get("grace_period", 1), "asha.grace_period", fail)
-        factor = _positive_int(spec.get("reduction_factor", 3), "asha.reduction_factor", fail, minimum=2)
-        if grace > max_epochs:
-            raise fail("asha.grace_period", f"{grace} is more than max_epochs {max_epochs}")
-        asha = Asha(grace, factor)
-    concurrent = raw.get("max_concurrent")
-    concurrent = None if concurrent is None else _positive_int(concurrent, "max_concurrent", fail)
+    return source, subset, val_size
 
+
+def _parse_asha(raw: dict[str, Any], max_epochs: int, fail: Any) -> Asha | None:
+    """``asha:``: absent means the defaults, an explicit null no early stopping."""
+    if raw.get("asha", {}) is None:
+        return None
+    spec = _mapping(raw.get("asha"), "asha", fail)
+    _check_known(spec, ASHA_KEYS, "asha", fail)
+    grace = _positive_int(spec.get("grace_period", 1), "asha.grace_period", fail)
+    factor = _positive_int(spec.get("reduction_factor", 3), "asha.reduction_factor", fail, minimum=2)
+    if grace > max_epochs:
+        raise fail("asha.grace_period", f"{grace} is more than max_epochs {max_epochs}")
+    return Asha(grace, factor)
+
+
+def _parse_sections(
+    path: Path, raw: dict[str, Any], max_epochs: int, fail: Any
+) -> tuple[dict[str, Any], dict[str, Distribution], dict[str, tuple[Any, ...]]]:
+    """``fixed``, ``params`` and ``grid``: each key in one section, and every value a trial could
+    get (each extreme of a range, each choice) a valid training config where the key is active."""
     fixed = _mapping(raw.get("fixed"), "fixed", fail)
     params_raw = _mapping(raw.get("params"), "params", fail)
     grid_raw = _mapping(raw.get("grid"), "grid", fail)
-    for section, keys in (("fixed", fixed), ("params", params_raw), ("grid", grid_raw)):
-        for key in keys:
-            if key not in cfg.KEYS:
-                raise fail(f"{section}.{key}", f"not a configuration key (known keys: {', '.join(cfg.KEYS)})")
-            if key == "epochs":
-                raise fail(f"{section}.epochs", "set max_epochs instead (every trial's epochs, ASHA's max_t)")
-    for key in params_raw:
-        if key in fixed:
-            raise fail(f"params.{key}", "both fixed and sampled; keep one")
-        if key in grid_raw:
-            raise fail(f"params.{key}", "both sampled and in the grid; keep one")
-    for key in grid_raw:
-        if key in fixed:
-            raise fail(f"grid.{key}", "both fixed and in the grid; keep one")
-
+    _check_sections(fixed, params_raw, grid_raw, fail)
     fixed = {key: cfg.format_filters(cfg.parse_filters(v)) if key == "filters" else v for key, v in fixed.items()}
     base = {**fixed, "epochs": max_epochs}
     try:
         cfg.from_dict(base, source="fixed")
     except UsageError as exc:
         raise UsageError(f"{path}: {exc}") from None
-
     params = {key: _distribution(key, spec, fail) for key, spec in params_raw.items()}
     grid = {key: _grid_values(key, values, fail) for key, values in grid_raw.items()}
     choices = {key: d.values for key, d in params.items() if d.kind == "choice"} | grid
-    for section, key, values in [("params", k, d.extremes()) for k, d in params.items()] + [
-        ("grid", k, v) for k, v in grid.items()
-    ]:
+    tried = [("params", k, d.extremes()) for k, d in params.items()] + [("grid", k, v) for k, v in grid.items()]
+    for section, key, values in tried:
         where = f"{section}.{key}"
         activating = _activating(key, fixed, choices)
         if activating is None:
@@ -360,38 +374,37 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
                 cfg.from_dict({**base, **activating, key: value}, source=where)
             except UsageError as exc:
                 raise UsageError(f"{path}: {where}: {exc}") from None
+    return fixed, params, grid
 
-    grid_size = math.prod(len(values) for values in grid.values()) if grid else 0
+
+def _check_sections(fixed: dict[str, Any], params: dict[str, Any], grid: dict[str, Any], fail: Any) -> None:
+    for section, keys in (("fixed", fixed), ("params", params), ("grid", grid)):
+        for key in keys:
+            if key not in cfg.KEYS:
+                raise fail(f"{section}.{key}", f"not a configuration key (known keys: {', '.join(cfg.KEYS)})")
+            if key == "epochs":
+                raise fail(f"{section}.epochs", "set max_epochs instead (every trial's epochs, ASHA's max_t)")
+    for key in params:
+        if key in fixed:
+            raise fail(f"params.{key}", "both fixed and sampled; keep one")
+        if key in grid:
+            raise fail(f"params.{key}", "both sampled and in the grid; keep one")
+    for key in grid:
+        if key in fixed:
+            raise fail(f"grid.{key}", "both fixed and in the grid; keep one")
+
+
+def _parse_num_samples(raw: dict[str, Any], params: dict[str, Any], grid: dict[str, tuple[Any, ...]], fail: Any) -> int:
+    """A grid runs each combination once; a sampled space 16 trials unless it says otherwise."""
     if grid and params:
         raise fail("grid", "a grid runs every combination; sample with params or list a grid, not both")
-    if grid:
-        num_samples = raw.get("num_samples", grid_size)
-        if num_samples != grid_size:
-            raise fail("num_samples", f"{num_samples}, but the grid has {grid_size} combinations (omit num_samples)")
-    else:
-        num_samples = _positive_int(raw.get("num_samples", 1 if not params else 16), "num_samples", fail)
-    seeds = _positive_int(raw.get("seeds", 1), "seeds", fail)
-    description = raw.get("description") or ""
-    if not isinstance(description, str):
-        raise fail("description", "must be text")
-    space = Space(
-        name=path.stem,
-        path=path,
-        description=description.strip(),
-        num_samples=num_samples,
-        max_epochs=max_epochs,
-        source=source,
-        subset=subset,
-        val_size=val_size,
-        asha=asha,
-        max_concurrent=concurrent,
-        fixed=fixed,
-        params=params,
-        grid=grid,
-        seeds=seeds,
-    )
-    space.repeated(seeds)  # a space that cannot be repeated fails here, with the file named
-    return space
+    if not grid:
+        return _positive_int(raw.get("num_samples", 1 if not params else 16), "num_samples", fail)
+    grid_size = math.prod(len(values) for values in grid.values())
+    num_samples = raw.get("num_samples", grid_size)
+    if num_samples != grid_size:
+        raise fail("num_samples", f"{num_samples}, but the grid has {grid_size} combinations (omit num_samples)")
+    return num_samples
 
 
 def _check_known(mapping: dict[str, Any], known: Iterable[str], where: str, fail: Any) -> None:
@@ -459,7 +472,7 @@ def _grid_values(key: str, values: Any, fail: Any, where: str | None = None) -> 
             value = cfg.format_filters(cfg.parse_filters(value))  # Optuna choices must be scalars
         if not isinstance(value, (str, int, float, bool)):
             raise fail(where, f"values must be scalars, got {value!r}")
-        if cfg.TrainConfig.__dataclass_fields__[key].type == "float" and isinstance(value, str):
+        if cfg.field_type(key) == "float" and isinstance(value, str):
             value = _number(value, where, fail)
         out.append(value)
     if len(set(map(repr, out))) != len(out):

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,38 +23,26 @@ from ray import tune
 from tune_cifar import config as cfg
 from tune_cifar import tables
 from tune_cifar.errors import UsageError
-from tune_cifar.tables import TrialRecord
+from tune_cifar.study_folder import StudyContext
+from tune_cifar.tables import EpochReport, TrialRecord, finished_status
 
 logger = logging.getLogger(__name__)
 
-EPOCH_COLUMNS = tuple(name for name in tables.SCHEMAS["epochs"].names if name != "trial_id")
 
-_study_dir_override: Path | None = None
+class _StudyCallback(tune.Callback):
+    """A callback of one study. It writes to the study's folder through a :class:`StudyContext`,
+    so that a callback ``--resume`` restored from Ray's state writes where the resuming driver says."""
 
-
-def relocate(study_dir: Path | None) -> None:
-    """Callbacks restored by ``--resume`` write to this folder, wherever the first driver wrote."""
-    global _study_dir_override
-    _study_dir_override = Path(study_dir) if study_dir is not None else None
-
-
-class _StudyFolder:
-    """The study folder a callback writes to: the one given, unless the driver relocated the study."""
-
-    _folder: Path
+    def __init__(self, study: StudyContext):
+        self.study = study
 
     @property
     def study_dir(self) -> Path:
-        return _study_dir_override or self._folder
+        return self.study.folder
 
-    @study_dir.setter
-    def study_dir(self, folder: Path) -> None:
-        self._folder = Path(folder)
-
-
-def trial_values(trial: Any) -> dict[str, Any]:
-    """A Ray trial's vocabulary values (sampled + constants); inactive keys fall back to defaults."""
-    return {key: value for key, value in trial.config.items() if key in cfg.KEYS}
+    @property
+    def study_name(self) -> str:
+        return self.study.name
 
 
 def hyperparameter_row(trial: Any) -> dict[str, Any]:
@@ -61,11 +51,10 @@ def hyperparameter_row(trial: Any) -> dict[str, Any]:
     A configuration the vocabulary refuses (a sampled value the trial will fail on) is recorded
     as sampled, so that the trial shows up as an ERROR row instead of ending the whole study.
     """
-    values = trial_values(trial)
     try:
-        return cfg.to_row(cfg.from_dict(values, source=f"trial {trial.trial_id}"))
+        return cfg.to_row(cfg.from_values(trial.config, source=f"trial {trial.trial_id}"))
     except UsageError:
-        raw = {key: values.get(key) for key in cfg.KEYS}
+        raw = {key: trial.config.get(key) for key in cfg.KEYS}
         if isinstance(raw["filters"], (list, tuple)):
             raw["filters"] = cfg.format_filters(raw["filters"])
         return raw
@@ -85,12 +74,11 @@ def error_line(trial: Any) -> str:
     return (lines[-1] if lines else "unknown error")[:300]
 
 
-class ParquetCallback(_StudyFolder, tune.Callback):
+class ParquetCallback(_StudyCallback):
     """Writes ``trials``, ``epochs``, ``layers`` and ``steps`` under the study folder as results arrive."""
 
-    def __init__(self, study_dir: Path, study_name: str):
-        self.study_dir = Path(study_dir)
-        self.study_name = study_name
+    def __init__(self, study: StudyContext):
+        super().__init__(study)
         self.records: dict[str, TrialRecord] = {}
 
     def record(self, trial: Any) -> TrialRecord:
@@ -110,14 +98,13 @@ class ParquetCallback(_StudyFolder, tune.Callback):
         self._update(trial, status="RUNNING", stop_reason=None)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        epoch = int(result["epoch"])
+        report = EpochReport.from_result(result)
         record = self.record(trial)
-        record.drop_after(epoch - 1)  # a retried trial redoes the epochs after its checkpoint
-        record.add("epochs", [{key: result.get(key) for key in EPOCH_COLUMNS}])
-        record.add("layers", list(result.get("layers") or []))
-        record.add("steps", list(result.get("steps") or []))
-        summary = dict(result.get("trial") or {})
-        self._update(trial, **summary, status="RUNNING", stop_reason=None, wall_s=result.get("time_total_s"))
+        record.drop_after(int(report.epoch["epoch"]) - 1)  # a retried trial redoes the epochs after its checkpoint
+        record.add("epochs", [report.epoch])
+        record.add("layers", report.layers)
+        record.add("steps", report.steps)
+        self._update(trial, **report.trial, status="RUNNING", stop_reason=None, wall_s=result.get("time_total_s"))
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = int((trial.last_result or {}).get("epoch") or 0)
@@ -125,12 +112,8 @@ class ParquetCallback(_StudyFolder, tune.Callback):
         self._update(trial, status="RUNNING", stop_reason=f"retrying: {error_line(trial)}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        record = self.record(trial)
-        epochs_run = int(record.trial.get("epochs_run") or 0)
-        if epochs_run >= target_epochs(trial):
-            self._update(trial, status="TERMINATED", stop_reason="completed")
-        else:
-            self._update(trial, status="STOPPED", stop_reason="asha")
+        status = finished_status(int(self.record(trial).trial.get("epochs_run") or 0), target_epochs(trial))
+        self._update(trial, status=status, stop_reason="completed" if status == "TERMINATED" else "asha")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._update(trial, status="ERROR", stop_reason=f"error: {error_line(trial)}")
@@ -157,25 +140,56 @@ class ParquetCallback(_StudyFolder, tune.Callback):
         return sorted(set(removed))
 
 
-class WandbCallback(_StudyFolder, tune.Callback):
-    """One W&B run per trial, grouped by study: config, per-epoch metrics, per-layer statistics,
-    and at the end gradient-flow and weight-update-flow charts (mean |g| and ||ΔW||/||W|| of every
-    layer across epochs), the first report's dashboard."""
+# How a trial ended, in W&B's words beside the trials table's ``status`` (README: "One trial, four
+# views"): a run tag to filter on in the W&B UI; the summary's ``status`` is the table's word itself.
+WANDB_TAGS = {"TERMINATED": "completed", "STOPPED": "asha-stopped", "ERROR": "error", "RUNNING": "interrupted"}
+_STOP_REASONS = {"TERMINATED": "completed", "STOPPED": "asha", "RUNNING": "interrupted"}
+# One chart series per tensor, keyed (layer_index, layer) so that sorting gives the forward order.
+Flows = dict[tuple[int, str], dict[int, tuple[float | None, float | None]]]
 
-    def __init__(self, study_dir: Path, study_name: str, mode: str, project: str = "tune-cifar"):
-        self.study_dir = Path(study_dir)
-        self.study_name = study_name
+
+class WandbCallback(_StudyCallback):
+    """One W&B run per trial, grouped by study: config, per-epoch metrics, per-layer statistics and
+    gradient health, and at the end gradient-flow and weight-update-flow charts (mean |g| and
+    ||ΔW||/||W|| of every layer across epochs, in forward order), the first report's dashboard.
+    Each run ends with the trials table's status in its summary and a tag (``WANDB_TAGS``): W&B
+    itself calls an ASHA-stopped run "finished" like a completed one.
+
+    W&B works in a thread of its own: opening a run takes most of a second, which in Ray's event
+    loop would hold up every trial (``benchmarks/study_overhead.py`` measured it as the largest
+    driver-side cost). The callbacks hand over copies of what they saw, in order; the experiment's
+    end waits for the thread to finish every run.
+    """
+
+    def __init__(self, study: StudyContext, mode: str, project: str = "tune-cifar"):
+        super().__init__(study)
         self.mode = mode
         self.project = project
-        self.runs: dict[str, Any] = {}
-        self.flows: dict[str, dict[str, dict[int, tuple[float | None, float | None]]]] = {}
+        self.runs: dict[str, Any] = {}  # used by the W&B thread only
+        self.flows: dict[str, Flows] = {}  # used by the W&B thread only
+        self.open: set[str] = set()  # trials with a run, as the callbacks see it
         self.failed = False
+        self._jobs: queue.Queue | None = None
+        self._worker: threading.Thread | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "runs": {}, "flows": {}, "failed": False}  # open runs stay with this driver
+    def __getstate__(self) -> dict[str, Any]:  # open runs and the thread stay with this driver
+        kept = {**self.__dict__, "runs": {}, "flows": {}, "open": set(), "failed": False}
+        return kept | {"_jobs": None, "_worker": None}
 
-    def _run(self, trial: Any) -> Any:
-        if trial.trial_id not in self.runs:
+    def _submit(self, action: Any, *args: Any) -> None:
+        if self._worker is None:
+            self._jobs = queue.Queue()
+            self._worker = threading.Thread(target=self._work, name="wandb", daemon=True)
+            self._worker.start()
+        self._jobs.put((action, args))
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            action, args = job
+            self._guarded(action, *args)
+
+    def _run(self, trial_id: str, config: dict[str, Any]) -> Any:
+        if trial_id not in self.runs:
             import wandb
 
             # W&B's caches and artifact staging (~/.cache/wandb, ~/.local/share/wandb) go into the
@@ -184,29 +198,30 @@ class WandbCallback(_StudyFolder, tune.Callback):
                                     ("WANDB_ARTIFACT_DIR", "artifacts")):  # fmt: skip
                 os.environ.setdefault(variable, str(self.study_dir / "wandb" / where))
 
-            run_id = re.sub(r"[^A-Za-z0-9_-]", "-", f"{self.study_name}-{trial.trial_id}")[:120]
-            self.runs[trial.trial_id] = wandb.init(
+            run_id = re.sub(r"[^A-Za-z0-9_-]", "-", f"{self.study_name}-{trial_id}")[:120]
+            self.runs[trial_id] = wandb.init(
                 project=self.project,
                 group=self.study_name,
-                name=trial.trial_id,
+                name=trial_id,
                 id=run_id,
                 resume="allow",
                 job_type="trial",
                 dir=str(self.study_dir),
                 mode=self.mode,
                 reinit="create_new",
-                config=hyperparameter_row(trial),
+                config=config,
                 settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
             )
-            self.runs[trial.trial_id].define_metric("*", step_metric="epoch")
-            self.flows[trial.trial_id] = self._load_flows(trial.trial_id)
-        return self.runs[trial.trial_id]
+            self.runs[trial_id].define_metric("*", step_metric="epoch")
+            self.flows[trial_id] = self._load_flows(trial_id)
+        return self.runs[trial_id]
 
-    def _load_flows(self, trial_id: str) -> dict[str, dict[int, tuple[float | None, float | None]]]:
+    def _load_flows(self, trial_id: str) -> Flows:
         """Per-layer history of a resumed trial, from the layers table the earlier driver wrote."""
-        flows: dict[str, dict[int, tuple[float | None, float | None]]] = {}
+        flows: Flows = {}
         for row in TrialRecord.load(self.study_dir, trial_id).rows["layers"].values():
-            flows.setdefault(row["layer"], {})[row["epoch"]] = (row["grad_mean_abs"], row["update_ratio"])
+            series = flows.setdefault((row["layer_index"], row["layer"]), {})
+            series[row["epoch"]] = (row["grad_mean_abs"], row["update_ratio"])
         return flows
 
     def _guarded(self, action: Any, *args: Any) -> None:
@@ -220,55 +235,82 @@ class WandbCallback(_StudyFolder, tune.Callback):
             print(f"warning: W&B logging stopped ({type(exc).__name__}: {str(exc)[:200]}); the study continues")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self._guarded(self._log, trial, result)
+        self.open.add(trial.trial_id)
+        self._submit(self._log, trial.trial_id, hyperparameter_row(trial), EpochReport.from_result(result))
 
-    def _log(self, trial: Any, result: dict) -> None:
-        run = self._run(trial)
-        epoch = int(result["epoch"])
-        metrics: dict[str, Any] = {key: result.get(key) for key in EPOCH_COLUMNS if result.get(key) is not None}
-        for row in result.get("layers") or []:
+    def _log(self, trial_id: str, config: dict[str, Any], report: EpochReport) -> None:
+        run = self._run(trial_id, config)
+        epoch = int(report.epoch["epoch"])
+        metrics: dict[str, Any] = {key: value for key, value in report.epoch.items() if value is not None}
+        for row in report.layers:
             layer = row["layer"]
-            self.flows[trial.trial_id].setdefault(layer, {})[epoch] = (row["grad_mean_abs"], row["update_ratio"])
+            series = self.flows[trial_id].setdefault((row["layer_index"], layer), {})
+            series[epoch] = (row["grad_mean_abs"], row["update_ratio"])
             for stat in ("grad_mean_abs", "update_ratio", "weight_l2"):
                 if row.get(stat) is not None:
                     metrics[f"{stat}/{layer}"] = row[stat]
+            if row.get("health") in tables.HEALTH_ORDER:
+                # the layers table's judgement (telemetry.layer_health) as a number W&B can chart:
+                # 0 ok, 1 vanishing, 2 exploding
+                metrics[f"health/{layer}"] = tables.HEALTH_ORDER.index(row["health"])
         run.log(metrics)
 
-    def _finish(self, trial: Any, state: str) -> None:
-        run = self.runs.pop(trial.trial_id, None)
+    def _finish(self, trial_id: str, status: str, summary: dict[str, Any], stop_reason: str) -> None:
+        """Charts, summary, tag, then close the run; ``status`` is the trials table's word for the trial."""
+        run = self.runs.pop(trial_id, None)
         if run is None:
             return
         import wandb
 
-        flows = self.flows.pop(trial.trial_id, {})
+        flows = self.flows.pop(trial_id, {})
         for index, title, key in ((0, "gradient flow: mean |g| per layer", "grad_flow"),
                                   (1, "weight-update flow: ||ΔW|| / ||W|| per layer", "update_flow")):  # fmt: skip
-            layers = sorted(flows)
+            layers = sorted(flows)  # (layer_index, layer): the forward order, input to output
             epochs = sorted({epoch for history in flows.values() for epoch in history})
             if not layers or not epochs:
                 continue
             ys = [[flows[layer].get(epoch, (None, None))[index] for epoch in epochs] for layer in layers]
-            run.log({key: wandb.plot.line_series(xs=epochs, ys=ys, keys=layers, title=title, xname="epoch")})
-        summary = dict((trial.last_result or {}).get("trial") or {})
-        run.summary.update({key: value for key, value in summary.items() if value is not None} | {"status": state})
-        run.finish()
+            names = [name for _, name in layers]
+            run.log({key: wandb.plot.line_series(xs=epochs, ys=ys, keys=names, title=title, xname="epoch")})
+        run.summary.update(
+            {key: value for key, value in summary.items() if value is not None}
+            | {"status": status, "stop_reason": stop_reason}
+        )
+        # a resumed run keeps its earlier tags: replace the outcome, keep anything else
+        run.tags = (*(tag for tag in run.tags if tag not in WANDB_TAGS.values()), WANDB_TAGS[status])
+        run.finish(exit_code=1 if status == "ERROR" else 0)  # W&B's own state: failed for an error
+
+    def _close(self, trial: Any, status: str) -> None:
+        """Hand the W&B thread what closing ``trial``'s run needs, read now (Ray's trial changes later)."""
+        if trial.trial_id not in self.open:
+            return
+        self.open.discard(trial.trial_id)
+        summary = EpochReport.from_result(trial.last_result or {}).trial
+        stop_reason = _STOP_REASONS.get(status) or f"error: {error_line(trial)}"
+        self._submit(self._finish, trial.trial_id, status, summary, stop_reason)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._guarded(self._finish, trial, "finished")
+        # the ParquetCallback's rule (tables.finished_status), on the epochs the trial reported
+        epochs_run = EpochReport.from_result(trial.last_result or {}).trial.get("epochs_run") or _epochs_run(trial)
+        self._close(trial, finished_status(int(epochs_run), target_epochs(trial)))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._guarded(self._finish, trial, "error")
+        self._close(trial, "ERROR")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        for trial in trials:
-            self._guarded(self._finish, trial, "interrupted")
+        for trial in trials:  # runs still open: the trial did not finish (RUNNING, stop_reason interrupted)
+            self._close(trial, "RUNNING")
+        if self._worker is not None:
+            self._jobs.put(None)
+            self._worker.join()
+            self._worker = None
 
 
 class ConsoleCallback(tune.Callback):
     """A compact progress line instead of Ray's trial table: counts, best so far, epochs, ETA."""
 
-    def __init__(self, num_samples: int, max_epochs: int, interval_s: float = 15.0):
-        self.num_samples = num_samples
+    def __init__(self, study: StudyContext, max_epochs: int, interval_s: float = 15.0):
+        self.study = study  # its num_samples: the study's size, raised by --resume --num-samples
         self.max_epochs = max_epochs
         self.interval_s = interval_s
         self.started = time.monotonic()
@@ -299,19 +341,32 @@ class ConsoleCallback(tune.Callback):
         now = time.monotonic()
         if now - self.last_print >= self.interval_s:
             self.last_print = now
-            print(self.line(trials), flush=True)
+            self._show(self.line(trials))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        print(self.line(trials), flush=True)
+        # The last trial's completion resets the timer, so the step after it has usually printed
+        # this very state already: the final line is shown once, not twice.
+        line = self.line(trials)
+        if _state(line) != self.last_state:
+            self._show(line)
+
+    # What the last printed line said, clock aside; a class default keeps callbacks pickled by an
+    # older driver (restored by --resume) working.
+    last_state: str | None = None
+
+    def _show(self, line: str) -> None:
+        self.last_state = _state(line)
+        print(line, flush=True)
 
     def line(self, trials: list) -> str:
         counts: dict[str, int] = {}
         for trial in trials:
             counts[trial.status] = counts.get(trial.status, 0) + 1
-        stopped = sum(1 for t in trials if t.status == "TERMINATED" and _epochs_run(t) < target_epochs(t))
+        ended = [t for t in trials if t.status == "TERMINATED"]
+        stopped = sum(1 for t in ended if finished_status(_epochs_run(t), target_epochs(t)) == "STOPPED")
         done = counts.get("TERMINATED", 0)
         running = counts.get("RUNNING", 0)
-        unstarted = max(self.num_samples - len(trials), 0) + counts.get("PENDING", 0) + counts.get("PAUSED", 0)
+        unstarted = max(self.study.num_samples - len(trials), 0) + counts.get("PENDING", 0) + counts.get("PAUSED", 0)
         parts = [
             f"[{_clock(time.monotonic() - self.started)}] {running} running, {unstarted} pending,"
             f" {done - stopped} finished, {stopped} stopped by ASHA, {counts.get('ERROR', 0)} errors",
@@ -334,6 +389,11 @@ class ConsoleCallback(tune.Callback):
         return remaining * per_epoch / running
 
 
+def _state(line: str) -> str:
+    """A progress line without its leading ``[h:mm:ss]`` clock."""
+    return line.split("] ", 1)[-1]
+
+
 def _epochs_run(trial: Any) -> int:
     return int((trial.last_result or {}).get("epoch") or 0)
 
@@ -343,10 +403,11 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def repair_tables(study_dir: Path, study_name: str) -> list[str]:
+def repair_tables(study: StudyContext) -> list[str]:
     """Before a resume: set damaged part files aside (``STUDY/damaged/``) and rebuild their trials'
     rows by replaying Ray's saved results (``trial_*/result.json``) through :class:`ParquetCallback`,
     the same code that wrote them. Returns one line per damaged file, saying what was done."""
+    study_dir = study.folder
     damaged = tables.damaged_parts(study_dir)
     if not damaged:
         return []
@@ -362,7 +423,7 @@ def repair_tables(study_dir: Path, study_name: str) -> list[str]:
     for part in damaged:
         (aside / part.parent.name).mkdir(parents=True, exist_ok=True)
         part.replace(aside / part.parent.name / part.name)
-    writer = ParquetCallback(study_dir, study_name)
+    writer = ParquetCallback(study)
     rebuilt = set()
     for trial in ray_trials:
         results = study_dir / trial_dirname(trial) / "result.json"

@@ -15,6 +15,7 @@ hyperparameter) and set in another still reads back as one type.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ _ARROW_TYPES = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "b
 def _config_fields() -> list[pa.Field]:
     fields = []
     for key in cfg.KEYS:
-        kind = cfg.TrainConfig.__dataclass_fields__[key].type
+        kind = cfg.field_type(key)
         fields.append(pa.field(key, pa.string() if key == "filters" else _ARROW_TYPES[kind]))
     return fields
 
@@ -116,11 +117,82 @@ SCHEMAS: dict[str, pa.Schema] = {
         ]
     ),
 }
+# Tables whose integer and boolean columns can be null: a `trials` row is written when the trial
+# starts (no results yet), and an inactive hyperparameter is null. The other tables' integers
+# (epoch, step, layer_index, numel) are always set, so they stay numpy int64.
+NULLABLE_TABLES = ("trials",)
+_PANDAS_TYPES = {"string": ("unicode", "object"), "double": ("float64", "float64")}
+_NULLABLE_PANDAS_TYPES = {"int64": ("int64", "Int64"), "bool": ("bool", "boolean")}
+_NUMPY_PANDAS_TYPES = {"int64": ("int64", "int64"), "bool": ("bool", "bool")}
+
+
+def _with_pandas_dtypes(name: str, schema: pa.Schema) -> pa.Schema:
+    """``schema`` carrying pandas metadata, so that a plain ``pandas.read_parquet(folder)`` gives
+    nullable ``Int64`` / ``boolean`` columns where a null can occur.
+
+    Without it pandas picks a column's dtype from the data it happens to read: an integer column
+    with a null becomes float64 (``step_size`` 30 → 30.0), a boolean one object, and the same
+    column changes dtype from one study to the next. pyarrow restores pandas extension dtypes
+    from the ``numpy_type`` of the schema's ``pandas`` metadata (the layout pyarrow itself writes).
+    """
+    types = {**_PANDAS_TYPES, **(_NULLABLE_PANDAS_TYPES if name in NULLABLE_TABLES else _NUMPY_PANDAS_TYPES)}
+    columns = []
+    for column in schema:
+        pandas_type, numpy_type = types[str(column.type)]
+        field_type = {"pandas_type": pandas_type, "numpy_type": numpy_type, "metadata": None}
+        columns.append({"name": column.name, "field_name": column.name, **field_type})
+    metadata = {"index_columns": [], "column_indexes": [], "columns": columns, "pandas_version": pd.__version__}
+    return schema.with_metadata({b"pandas": json.dumps(metadata).encode()})
+
+
+SCHEMAS = {name: _with_pandas_dtypes(name, schema) for name, schema in SCHEMAS.items()}
 TABLES = tuple(SCHEMAS)
 # A trial that ran all its epochs (TERMINATED) or that ASHA stopped at a rung (STOPPED) has a
 # result; RUNNING and ERROR trials do not.
 FINISHED = ("TERMINATED", "STOPPED")
 PER_EPOCH_KEYS = {"epochs": ("epoch",), "layers": ("epoch", "layer"), "steps": ("step",)}
+EPOCH_COLUMNS = tuple(name for name in SCHEMAS["epochs"].names if name != "trial_id")
+
+
+def finished_status(epochs_run: int, target_epochs: int) -> str:
+    """How a trial that ended without an error finished: the one definition of "stopped early".
+
+    ``TERMINATED`` when it ran every epoch its config asks for, ``STOPPED`` when the scheduler
+    (ASHA) stopped it at a rung before that. Optuna hears COMPLETE and PRUNED for the same two.
+    """
+    return "TERMINATED" if epochs_run >= target_epochs else "STOPPED"
+
+
+@dataclass
+class EpochReport:
+    """What a trial reports after each epoch, in one ``tune.report``: its ``epochs`` row, that
+    epoch's ``layers`` and ``steps`` rows, and the trial's ``trials`` summary so far.
+
+    The trainer fills the rows, the trainable the summary. Ray carries it as a plain dict
+    (:meth:`to_result`: the epoch's columns at the top, where ASHA and Optuna read ``val_acc``)
+    and hands it back nested to callbacks, flattened (``trial/best_val_acc``) to searchers;
+    :meth:`from_result` reads either.
+    """
+
+    epoch: dict[str, Any]
+    layers: list[dict[str, Any]]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    trial: dict[str, Any] = field(default_factory=dict)
+
+    def to_result(self) -> dict[str, Any]:
+        return {**self.epoch, "layers": self.layers, "steps": self.steps, "trial": self.trial}
+
+    @classmethod
+    def from_result(cls, result: dict[str, Any]) -> EpochReport:
+        summary = result.get("trial")
+        if not isinstance(summary, dict):
+            summary = {key.removeprefix("trial/"): value for key, value in result.items() if key.startswith("trial/")}
+        return cls(
+            epoch={key: result.get(key) for key in EPOCH_COLUMNS},
+            layers=list(result.get("layers") or []),
+            steps=list(result.get("steps") or []),
+            trial=dict(summary),
+        )
 
 
 def to_arrow(name: str, rows: list[dict[str, Any]]) -> pa.Table:

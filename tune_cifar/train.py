@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -115,6 +116,32 @@ def prepare_out(path: str | None) -> Path:
     return out
 
 
+class StepProgress:
+    """Progress inside an epoch on a terminal (an epoch of CIFAR-10 on a CPU takes minutes): one
+    line rewritten in place on stderr, images/s and the epoch's ETA, at most twice a second.
+    Not a terminal (a log file, CI): silent, the one line per epoch says it all."""
+
+    def __init__(self, epoch: int, epochs: int, batch_size: int, interval_s: float = 0.5):
+        self.prefix = f"epoch {epoch:>3}/{epochs}"
+        self.batch_size = batch_size
+        self.interval_s = interval_s
+        self.enabled = sys.stderr.isatty()
+        self.started = time.perf_counter()
+        self.shown = 0.0
+
+    def __call__(self, step: int, steps: int) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.shown < self.interval_s and step < steps):
+            return
+        self.shown = now
+        elapsed = now - self.started
+        rate = step * self.batch_size / elapsed if elapsed > 0 else 0.0
+        eta = (steps - step) * elapsed / step
+        line = f"{self.prefix}  step {step}/{steps}  {rate:.0f} img/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+        sys.stderr.write(f"\r{line}\033[K" if step < steps else "\r\033[K")  # cleared: the epoch's line follows
+        sys.stderr.flush()
+
+
 def progress_line(row: dict[str, Any], epochs: int) -> str:
     val = f"val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2%}" if row["val_acc"] is not None else "val -"
     lr = f"{row['lr']:.2e}" if row["lr"] == row["lr_last"] else f"{row['lr']:.2e}->{row['lr_last']:.2e}"
@@ -211,7 +238,7 @@ def train_one(
     )
     started = time.perf_counter()
     while trainer.epoch < config.epochs:
-        report = trainer.train_epoch()
+        report = trainer.train_epoch(on_step=StepProgress(trainer.epoch + 1, config.epochs, config.batch_size))
         print(progress_line(report.epoch, config.epochs), flush=True)
         record.add("epochs", [report.epoch])
         record.add("layers", report.layers)

@@ -4,16 +4,16 @@ The driver loads the data once and hands the arrays over with ``tune.with_parame
 (Ray's object store shares them between the trials of a node without copying), so no trial
 reads or decodes files. Each epoch reports the ``epochs`` row (``val_acc`` at top level, the
 metric ASHA and Optuna act on), that epoch's ``layers`` and ``steps`` rows, and the trial's
-summary, together with a checkpoint of the whole :class:`~tune_cifar.engine.Trainer` state,
-so a retried or resumed trial continues exactly where its last report left it.
+summary. Epochs that :class:`CheckpointPolicy` names also carry a checkpoint of the whole
+:class:`~tune_cifar.engine.Trainer` state, so a retried or resumed trial continues exactly
+where that checkpoint left it, redoing at most the epochs after it.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
-import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +24,49 @@ from tune_cifar import config as cfg
 from tune_cifar.cluster import node_label
 from tune_cifar.data import Splits
 from tune_cifar.engine import Trainer
+from tune_cifar.fault_injection import crash_once_if_asked
 
 CHECKPOINT_FILE = "trainer.pt"
-# Test-only fault injection: "MARKER:EPOCH[:DELAY_S]". The first trial attempt anywhere that
-# starts epoch EPOCH creates MARKER and kills its own worker DELAY_S seconds into the epoch,
-# as a node loss would; the marker makes it happen once per study.
-CRASH_ENV = "TUNE_CIFAR_CRASH_ONCE"
 
 
-def train_trial(config: dict[str, Any], splits: Splits, cpus: float = 1, gpus: float = 0) -> None:
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """Which epochs end with a checkpoint: every ``every``-th, each ASHA rung, and the last.
+
+    A checkpoint (model, optimizer, telemetry, RNG; serialised, then persisted by Ray) costs a
+    noticeable share of a one-second GPU epoch. Skipping some bounds what a retry redoes: a
+    worker lost in epoch e restarts after the last checkpoint, at most ``every - 1`` finished
+    epochs earlier. Rungs are always saved, so the trial ASHA judges there can be continued
+    from exactly that state, and the last epoch, whose weights a finished study keeps.
+    """
+
+    every: int = 1
+    rungs: tuple[int, ...] = ()
+
+    @classmethod
+    def for_asha(cls, every: int, grace_period: int | None, reduction_factor: int, max_epochs: int) -> CheckpointPolicy:
+        """The rungs of Ray's ASHA: grace, grace * factor, ... below ``max_epochs`` (none without ASHA)."""
+        rungs = []
+        milestone = grace_period
+        while milestone is not None and milestone < max_epochs:
+            rungs.append(milestone)
+            milestone *= reduction_factor
+        return cls(every, tuple(rungs))
+
+    def due(self, epoch: int, epochs: int) -> bool:
+        return epoch % self.every == 0 or epoch in self.rungs or epoch >= epochs
+
+
+def train_trial(
+    config: dict[str, Any],
+    splits: Splits,
+    cpus: float = 1,
+    gpus: float = 0,
+    checkpoints: CheckpointPolicy = CheckpointPolicy(),
+) -> None:
     """Train ``config`` (a trial's vocabulary values) epoch by epoch, reporting to Ray Tune."""
     torch.set_num_threads(max(1, int(cpus)))
-    train_config = cfg.from_dict({key: value for key, value in config.items() if key in cfg.KEYS}, source="trial")
+    train_config = cfg.from_values(config, source="trial")
     device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
     trainer = Trainer(train_config, splits, device=device)
     prefix = f"tune-cifar-ckpt-{tune.get_context().get_trial_id()}-"
@@ -45,14 +76,16 @@ def train_trial(config: dict[str, Any], splits: Splits, cpus: float = 1, gpus: f
         with checkpoint.as_directory() as folder:
             trainer.load_state_dict(torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=False))
     while trainer.epoch < train_config.epochs:
-        _maybe_crash(trainer.epoch + 1)
+        crash_once_if_asked(trainer.epoch + 1)
         report = trainer.train_epoch()
         last = trainer.epoch >= train_config.epochs
-        summary = {**(trainer.finish() if last else trainer.summary()), "node": node_label()}
-        metrics = {**report.epoch, "layers": report.layers, "steps": report.steps, "trial": summary}
+        report.trial = {**(trainer.finish() if last else trainer.summary()), "node": node_label()}
+        if not checkpoints.due(trainer.epoch, train_config.epochs):
+            tune.report(report.to_result())
+            continue
         with tempfile.TemporaryDirectory(prefix=prefix) as folder:
             torch.save(trainer.state_dict(), Path(folder) / CHECKPOINT_FILE)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report(report.to_result(), checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 def _remove_leftovers(prefix: str) -> None:
@@ -63,19 +96,3 @@ def _remove_leftovers(prefix: str) -> None:
 def trial_dirname(trial: Any) -> str:
     """Short trial folders (Ray's default name embeds every sampled value)."""
     return f"trial_{trial.trial_id}"
-
-
-def _maybe_crash(epoch: int) -> None:
-    spec = os.environ.get(CRASH_ENV)
-    if not spec:
-        return
-    marker, at_epoch, *delay = spec.split(":")
-    if epoch != int(at_epoch):
-        return
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    timer = threading.Timer(float(delay[0]) if delay else 0.2, os._exit, args=(13,))
-    timer.daemon = True
-    timer.start()
