@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -318,9 +317,8 @@ def retrain(study: Study, epochs: int | None = None, **overrides: Any) -> dict[s
         if value is not None:
             command += [f"--{flag.replace('_', '-')}", str(value)]
     print("retraining:", " ".join(command), flush=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
-    code = subprocess.run(command, cwd=REPO, env=env).returncode
+    code = subprocess.run(command, cwd=REPO).returncode
     if code != 0:
         raise UsageError(f"retrain failed: tune_cifar.train exited {code} (its output is above)")
     row = read_table(out, "trials").iloc[0]

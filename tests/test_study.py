@@ -613,7 +613,7 @@ def test_searcher_tells_optuna_the_right_states_and_survives_a_lagging_checkpoin
     from tune_cifar import spaces
 
     space = spaces.load("smoke")
-    search = search_mod.StudySearch(space, StudyContext(tmp_path, "unit"), seed=0)
+    search = search_mod.StudySearch(space, StudyContext(tmp_path, "unit", 8), seed=0)
     as_built = pickle.dumps(search)  # what Ray keeps in tuner.pkl
 
     def result(epoch: int, value: float) -> dict:
@@ -651,7 +651,7 @@ def test_searcher_tells_optuna_the_right_states_and_survives_a_lagging_checkpoin
     restored.on_trial_result("c", result(2, 0.25))  # the errored trial, retried by --resume
     restored.on_trial_complete("c", result(3, 0.35))
     restored.on_trial_complete("g", result(1, 0.01))
-    assert search_mod.finish_study(StudyContext(tmp_path, "unit")) == 0
+    assert search_mod.finish_study(StudyContext(tmp_path, "unit", 8)) == 0
 
     trials = optuna.load_study(study_name="unit", storage=storage_url(tmp_path)).get_trials()
     by_ray = {t.user_attrs["ray_trial_id"]: t for t in trials}
@@ -669,19 +669,43 @@ def test_errored_trials_fail_when_the_study_ends(tmp_path: Path) -> None:
     from tune_cifar import searcher as search_mod
     from tune_cifar import spaces
 
-    search = search_mod.StudySearch(spaces.load("smoke"), StudyContext(tmp_path, "errors"), seed=1)
+    search = search_mod.StudySearch(spaces.load("smoke"), StudyContext(tmp_path, "errors", 8), seed=1)
     search.suggest("x")
     search.on_trial_complete("x", error=True)
-    assert search_mod.finish_study(StudyContext(tmp_path, "errors")) == 1
+    assert search_mod.finish_study(StudyContext(tmp_path, "errors", 8)) == 1
     (trial,) = optuna.load_study(study_name="errors", storage=storage_url(tmp_path)).get_trials()
     assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["stop_reason"] == "error"
+
+
+def test_a_failed_trial_stays_failed_when_a_finished_study_resumes(tmp_path: Path) -> None:
+    """A finished study told its errored trial FAIL; ``--resume --num-samples N`` retries it (Ray
+    resumes errored trials): its reports must not touch the closed Optuna trial."""
+    import pickle
+
+    from tune_cifar import searcher as search_mod
+    from tune_cifar import spaces
+
+    study = StudyContext(tmp_path, "grown", 8)
+    search = search_mod.StudySearch(spaces.load("smoke"), study, seed=1)
+    search.suggest("x")
+    search.on_trial_result("x", {"epoch": 1, "val_acc": 0.1})
+    search.on_trial_complete("x", error=True)
+    checkpoint = tmp_path / "searcher-state.pkl"
+    search.save(str(checkpoint))
+    assert search_mod.finish_study(study) == 1
+    restored = pickle.loads(pickle.dumps(search))
+    restored.restore(str(checkpoint))
+    restored.on_trial_result("x", {"epoch": 2, "val_acc": 0.2})
+    restored.on_trial_complete("x", {"epoch": 3, "val_acc": 0.3, "config/epochs": 3})
+    (trial,) = optuna.load_study(study_name="grown", storage=storage_url(tmp_path)).get_trials()
+    assert trial.state == optuna.trial.TrialState.FAIL and trial.intermediate_values == {1: 0.1}
 
 
 def test_searcher_limits_concurrency_itself(tmp_path: Path) -> None:
     from tune_cifar import searcher as search_mod
     from tune_cifar import spaces
 
-    search = search_mod.StudySearch(spaces.load("smoke"), StudyContext(tmp_path, "limit"), seed=0, max_concurrent=2)
+    search = search_mod.StudySearch(spaces.load("smoke"), StudyContext(tmp_path, "limit", 8), seed=0, max_concurrent=2)
     assert search.suggest("a") is not None and search.suggest("b") is not None
     assert search.suggest("c") is None  # two live trials already
     search.on_trial_complete("a", {"epoch": 1, "val_acc": 0.1, "config/epochs": 3})

@@ -576,7 +576,7 @@ def _close(
 ) -> int:
     """After the fit: a finished study is closed in Optuna and rid of spare checkpoints; then the
     summary, and for an unfinished one the command that continues it. Returns the exit code."""
-    unfinished = settings.num_samples - results.num_terminated - results.num_errors
+    unfinished = max(0, settings.num_samples - results.num_terminated - results.num_errors)
     if not unfinished:
         from tune_cifar import searcher
 

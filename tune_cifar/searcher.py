@@ -164,6 +164,10 @@ class StudySearch(Searcher):
         by_id = {t._trial_id: t for t in self._optuna.get_trials(deepcopy=False)}
         known = set(self.optuna_ids.values())
         self.orphans = sorted(i for i, t in by_id.items() if t.state == TrialState.RUNNING and i not in known)
+        # Errored trials are retried from their checkpoints and report again, unless the database
+        # already closed them (a finished study told them FAIL, and --resume --num-samples grew it).
+        self.completed -= self.errored
+        self.errored.clear()
         self.finished_before = {
             ray_id
             for ray_id, optuna_id in self.optuna_ids.items()
@@ -171,8 +175,6 @@ class StudySearch(Searcher):
         }
         for ray_id, optuna_id in self.optuna_ids.items():
             self.epochs[ray_id] = max(by_id[optuna_id].intermediate_values, default=0)
-        self.completed -= self.errored  # resumed from their checkpoints: they report again
-        self.errored.clear()
         if self.orphans or self.finished_before:
             logger.info(
                 "resume: reusing %d Optuna trials asked after the last checkpoint; %d already told stay as they are",

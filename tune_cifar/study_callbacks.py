@@ -142,6 +142,7 @@ class ParquetCallback(_StudyCallback):
 
 # How a trial ended, in W&B's words beside the trials table's ``status`` (README: "One trial, four
 # views"): a run tag to filter on in the W&B UI; the summary's ``status`` is the table's word itself.
+WANDB_CLOSE_TIMEOUT_S = 300  # how long the study's end waits for W&B to close its runs
 WANDB_TAGS = {"TERMINATED": "completed", "STOPPED": "asha-stopped", "ERROR": "error", "RUNNING": "interrupted"}
 _STOP_REASONS = {"TERMINATED": "completed", "STOPPED": "asha", "RUNNING": "interrupted"}
 # One chart series per tensor, keyed (layer_index, layer) so that sorting gives the forward order.
@@ -178,6 +179,11 @@ class WandbCallback(_StudyCallback):
 
     def _submit(self, action: Any, *args: Any) -> None:
         if self._worker is None:
+            # W&B's caches and artifact staging (~/.cache/wandb, ~/.local/share/wandb) go into the
+            # study folder, unless the user chose places for them.
+            for variable, where in (("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"),
+                                    ("WANDB_ARTIFACT_DIR", "artifacts")):  # fmt: skip
+                os.environ.setdefault(variable, str(self.study_dir / "wandb" / where))
             self._jobs = queue.Queue()
             self._worker = threading.Thread(target=self._work, name="wandb", daemon=True)
             self._worker.start()
@@ -191,12 +197,6 @@ class WandbCallback(_StudyCallback):
     def _run(self, trial_id: str, config: dict[str, Any]) -> Any:
         if trial_id not in self.runs:
             import wandb
-
-            # W&B's caches and artifact staging (~/.cache/wandb, ~/.local/share/wandb) go into the
-            # study folder, unless the user chose places for them.
-            for variable, where in (("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"),
-                                    ("WANDB_ARTIFACT_DIR", "artifacts")):  # fmt: skip
-                os.environ.setdefault(variable, str(self.study_dir / "wandb" / where))
 
             run_id = re.sub(r"[^A-Za-z0-9_-]", "-", f"{self.study_name}-{trial_id}")[:120]
             self.runs[trial_id] = wandb.init(
@@ -302,7 +302,9 @@ class WandbCallback(_StudyCallback):
             self._close(trial, "RUNNING")
         if self._worker is not None:
             self._jobs.put(None)
-            self._worker.join()
+            self._worker.join(timeout=WANDB_CLOSE_TIMEOUT_S)
+            if self._worker.is_alive():  # e.g. an online W&B that stopped answering: the study is done
+                print(f"warning: W&B runs still closing after {WANDB_CLOSE_TIMEOUT_S} s; not waiting any longer")
             self._worker = None
 
 

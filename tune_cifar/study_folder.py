@@ -28,7 +28,7 @@ class StudyContext:
 
     folder: Path
     name: str
-    num_samples: int = 0
+    num_samples: int
 
     @classmethod
     def open(cls, folder: Path, name: str, num_samples: int) -> StudyContext:
@@ -51,7 +51,9 @@ class StudyContext:
 
 
 def _restore(folder: str, name: str, num_samples: int) -> StudyContext:
-    return _opened if _opened is not None else StudyContext(Path(folder), name, num_samples)
+    if _opened is not None and _opened.name == name:
+        return _opened
+    return StudyContext(Path(folder), name, num_samples)
 
 
 def storage_url(folder: Path) -> str:

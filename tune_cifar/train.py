@@ -31,6 +31,7 @@ from tune_cifar.data import Splits, load_splits
 from tune_cifar.engine import Trainer
 from tune_cifar.errors import UsageError
 from tune_cifar.spaces import load_config_file
+from tune_cifar.study_folder import SETTINGS_FILE
 from tune_cifar.tables import TrialRecord, finished_trials, read_table
 
 
@@ -210,7 +211,7 @@ def best_of_study(folder: Path) -> tuple[cfg.TrainConfig, dict[str, Any]]:
     if ranked.empty:
         raise UsageError(f"--from-study {folder}: no finished trial to take the configuration from")
     best = ranked.iloc[0]
-    settings_path = folder / "study.json"
+    settings_path = folder / SETTINGS_FILE
     settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
     data = {
         "data": settings.get("data") or str(best["data"]),
