@@ -35,7 +35,7 @@ from ray.tune.search import Searcher, SearchGenerator
 
 from tune_cifar.spaces import DefineByRun, Space
 from tune_cifar.study_folder import OPTUNA_DB, StudyContext, storage_url
-from tune_cifar.tables import EpochReport, finished_status
+from tune_cifar.tables import STOP_REASONS, EpochReport, finished_status
 
 logger = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -117,13 +117,13 @@ class StudySearch(Searcher):
         if epochs_run == 0:
             return TrialState.FAIL, "never reported", None
         if finished_status(epochs_run, target) == "STOPPED":
-            return TrialState.PRUNED, "asha", None
+            return TrialState.PRUNED, STOP_REASONS["STOPPED"], None
         # the final model's accuracy (the SWA average when swa_epochs > 0), else the last epoch's
         value = _finite(report.trial.get("final_val_acc"))
         value = value if value is not None else _finite(report.epoch.get(METRIC))
         if value is None:
             return TrialState.FAIL, "no finite val_acc", None
-        return TrialState.COMPLETE, "completed", value
+        return TrialState.COMPLETE, STOP_REASONS["TERMINATED"], value
 
     def _report(self, trial_id: str, report: EpochReport) -> None:
         if trial_id in self.completed or trial_id in self.finished_before or trial_id not in self.optuna_ids:

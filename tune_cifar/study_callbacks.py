@@ -113,7 +113,7 @@ class ParquetCallback(_StudyCallback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         status = finished_status(int(self.record(trial).trial.get("epochs_run") or 0), target_epochs(trial))
-        self._update(trial, status=status, stop_reason="completed" if status == "TERMINATED" else "asha")
+        self._update(trial, status=status, stop_reason=tables.STOP_REASONS[status])
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._update(trial, status="ERROR", stop_reason=f"error: {error_line(trial)}")
@@ -122,7 +122,7 @@ class ParquetCallback(_StudyCallback):
         for trial in trials:
             record = self.records.get(trial.trial_id)
             if record is not None and record.trial.get("status") == "RUNNING":
-                self._update(trial, stop_reason="interrupted")
+                self._update(trial, stop_reason=tables.STOP_REASONS["RUNNING"])
         self.remove_orphans({trial.trial_id for trial in trials})
 
     def remove_orphans(self, known: set[str]) -> list[str]:
@@ -140,11 +140,10 @@ class ParquetCallback(_StudyCallback):
         return sorted(set(removed))
 
 
+WANDB_CLOSE_TIMEOUT_S = 300  # how long the study's end waits for W&B to close its runs
 # How a trial ended, in W&B's words beside the trials table's ``status`` (README: "One trial, four
 # views"): a run tag to filter on in the W&B UI; the summary's ``status`` is the table's word itself.
-WANDB_CLOSE_TIMEOUT_S = 300  # how long the study's end waits for W&B to close its runs
 WANDB_TAGS = {"TERMINATED": "completed", "STOPPED": "asha-stopped", "ERROR": "error", "RUNNING": "interrupted"}
-_STOP_REASONS = {"TERMINATED": "completed", "STOPPED": "asha", "RUNNING": "interrupted"}
 # One chart series per tensor, keyed (layer_index, layer) so that sorting gives the forward order.
 Flows = dict[tuple[int, str], dict[int, tuple[float | None, float | None]]]
 
@@ -286,7 +285,7 @@ class WandbCallback(_StudyCallback):
             return
         self.open.discard(trial.trial_id)
         summary = EpochReport.from_result(trial.last_result or {}).trial
-        stop_reason = _STOP_REASONS.get(status) or f"error: {error_line(trial)}"
+        stop_reason = tables.STOP_REASONS.get(status) or f"error: {error_line(trial)}"
         self._submit(self._finish, trial.trial_id, status, summary, stop_reason)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

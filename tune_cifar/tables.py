@@ -154,6 +154,10 @@ PER_EPOCH_KEYS = {"epochs": ("epoch",), "layers": ("epoch", "layer"), "steps": (
 EPOCH_COLUMNS = tuple(name for name in SCHEMAS["epochs"].names if name != "trial_id")
 
 
+# The stop_reason that goes with each status a trial can end in (ERROR's is "error: <message>").
+STOP_REASONS = {"TERMINATED": "completed", "STOPPED": "asha", "RUNNING": "interrupted"}
+
+
 def finished_status(epochs_run: int, target_epochs: int) -> str:
     """How a trial that ended without an error finished: the one definition of "stopped early".
 

@@ -32,7 +32,7 @@ from tune_cifar.engine import Trainer
 from tune_cifar.errors import UsageError
 from tune_cifar.spaces import load_config_file
 from tune_cifar.study_folder import SETTINGS_FILE
-from tune_cifar.tables import TrialRecord, finished_trials, read_table
+from tune_cifar.tables import STOP_REASONS, TrialRecord, finished_trials, read_table
 
 
 def parse_args(argv: Sequence[str] | None) -> Any:
@@ -248,7 +248,7 @@ def train_one(
         record.write(out)
     summary = trainer.finish()
     test = trainer.evaluate_test()
-    record.trial = {**trial, **summary, **test, "status": "TERMINATED", "stop_reason": "completed"}
+    record.trial = {**trial, **summary, **test, "status": "TERMINATED", "stop_reason": STOP_REASONS["TERMINATED"]}
     record.trial["wall_s"] = time.perf_counter() - started
     record.write(out)
     weights = out / (f"model_{trial_id}.pt" if repeated else "model.pt")
