@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -105,7 +106,8 @@ def test_smoke_study_completes(smoke: Study) -> None:
     assert (trials["study"] == "smoke").all()
     assert trials["macs"].gt(0).all() and trials["params"].gt(0).all() and trials["node"].notna().all()
     assert (trials.loc[trials.status == "TERMINATED", "epochs_run"] == SMOKE_EPOCHS).all()
-    assert "analyse: " in smoke.stdout and str(smoke.folder) in smoke.stdout
+    analyse = rf"^analyse: \S*python\S* -m tune_cifar\.analysis\.best_config {re.escape(str(smoke.folder))}$"
+    assert re.search(analyse, smoke.stdout, re.MULTILINE), smoke.stdout[-1000:]
     assert json.loads((smoke.folder / "study.json").read_text())["num_samples"] == SMOKE_TRIALS
     # the space's val_size (128 of the 640-image subset) is used as written, and said at the start
     assert "512 train / 128 validation / 128 test images" in smoke.stdout
