@@ -552,6 +552,8 @@ def test_more_gpus_than_the_cluster_has_is_refused(tmp_path: Path, ray_tmp: Path
         (("--space", "smoke", "--grace-period", "0"), "--grace-period must be at least 1"),
         (("--space", "smoke", "--grace-period", "4"), "--max-epochs 3 is below the ASHA grace period 4"),
         (("--space", "grid_losses", "--grace-period", "1"), "has no ASHA"),
+        (("--space", "smoke", "--checkpoint-every", "0"), "--checkpoint-every must be at least 1"),
+        (("--space", "smoke", "--checkpoint-every", "two"), "invalid int value: 'two'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, ray_tmp: Path, args: tuple[str, ...], message: str) -> None:
