@@ -123,13 +123,12 @@ def _timed(method: Any, label: str, spent: dict[str, float]) -> Any:
 def summarise(folder: Path, every: int, whole: float, stdout: str) -> dict[str, Any]:
     import pandas as pd
 
-    from tune_cifar import spaces
-    from tune_cifar.trainable import CheckpointPolicy
+    from tune_cifar import search, spaces
+    from tune_cifar.study_folder import SETTINGS_FILE, SPACE_COPY
 
-    settings = json.loads((folder / "study.json").read_text())
-    asha = spaces.load(folder / "space.yaml").asha
-    grace = (settings["grace_period"] or asha.grace_period) if asha else None
-    policy = CheckpointPolicy.for_asha(every, grace, asha.reduction_factor if asha else 1, settings["max_epochs"])
+    settings = json.loads((folder / SETTINGS_FILE).read_text())
+    space = spaces.load(folder / SPACE_COPY)
+    policy = search.checkpoint_policy(search.Settings(**settings), space, every)
     fit = float(re.search(r"epochs in ([0-9.]+) s", stdout).group(1))
     callbacks = json.loads(re.search(r"^TIMINGS (.*)$", stdout, re.MULTILINE).group(1))
     epochs = pd.read_parquet(folder / "epochs")
@@ -143,7 +142,7 @@ def summarise(folder: Path, every: int, whole: float, stdout: str) -> dict[str, 
         for row in rows[1:]:
             gaps[policy.due(row["epoch"], settings["max_epochs"])].append(row["time_this_iter_s"] - row["seconds"])
     compute = float(epochs["seconds"].sum())
-    concurrency = _concurrency(folder)
+    concurrency = _concurrency(space)
     reporting = (sum(gaps[True]) + sum(gaps[False])) / concurrency
     driver = sum(callbacks.values())
     return {
@@ -205,11 +204,8 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _concurrency(folder: Path) -> int:
+def _concurrency(space: Any) -> int:
     """Trials that could run at once: the space's max_concurrent, bounded by the CPUs (1 CPU a trial)."""
-    from tune_cifar import spaces
-
-    space = spaces.load(folder / "space.yaml")
     return max(1, min(space.max_concurrent or os.cpu_count() or 1, os.cpu_count() or 1))
 
 

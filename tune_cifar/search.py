@@ -458,11 +458,9 @@ def _run(
     """Build or restore the Tuner, fit it, and close the study: the study proper."""
     from ray import tune
 
-    from tune_cifar.trainable import CheckpointPolicy, train_trial
+    from tune_cifar.trainable import train_trial
 
-    grace = (settings.grace_period or space.asha.grace_period) if space.asha else None
-    factor = space.asha.reduction_factor if space.asha else 1
-    checkpoints = CheckpointPolicy.for_asha(args.checkpoint_every, grace, factor, settings.max_epochs)
+    checkpoints = checkpoint_policy(settings, space, args.checkpoint_every)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, splits=splits, cpus=cpus, gpus=gpus, checkpoints=checkpoints),
         {"cpu": cpus, "gpu": gpus},
@@ -486,6 +484,20 @@ def _run(
     finally:
         study.close()
     return _close(args, settings, space, paths, study, results, time.monotonic() - started, interrupted())
+
+
+def _grace_period(settings: Settings, space: spaces.Space) -> int | None:
+    """ASHA's first rung: the study's (``--grace-period`` or the space's, resolved at the start),
+    the space's for a study.json older than that setting; None without ASHA."""
+    return (settings.grace_period or space.asha.grace_period) if space.asha else None
+
+
+def checkpoint_policy(settings: Settings, space: spaces.Space, every: int) -> Any:
+    """The trials' :class:`~tune_cifar.trainable.CheckpointPolicy`: every ``every`` epochs and at ASHA's rungs."""
+    from tune_cifar.trainable import CheckpointPolicy
+
+    factor = space.asha.reduction_factor if space.asha else 1
+    return CheckpointPolicy.for_asha(every, _grace_period(settings, space), factor, settings.max_epochs)
 
 
 def _restored_tuner(trainable: Any, settings: Settings, paths: StudyPaths, study: StudyContext) -> Any:
@@ -530,7 +542,7 @@ def _new_tuner(
         ASHAScheduler(
             time_attr="epoch",  # the trainer's own count, also across retries from older checkpoints
             max_t=settings.max_epochs,
-            grace_period=settings.grace_period or space.asha.grace_period,
+            grace_period=_grace_period(settings, space),
             reduction_factor=space.asha.reduction_factor,
         )
         if space.asha

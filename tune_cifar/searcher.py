@@ -34,7 +34,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher, SearchGenerator
 
 from tune_cifar.spaces import DefineByRun, Space
-from tune_cifar.study_folder import OPTUNA_DB, StudyContext, storage_url
+from tune_cifar.study_folder import OPTUNA_DB, StudyContext
 from tune_cifar.tables import STOP_REASONS, EpochReport, finished_status
 
 logger = logging.getLogger(__name__)
@@ -202,23 +202,19 @@ class StudyTrials(SearchGenerator):
     ``--resume --num-samples N`` adds trials (TPE continues from the database, ASHA from its rungs).
     """
 
-    def __init__(self, searcher: StudySearch):
-        super().__init__(searcher)
-        self.study = searcher.study
-
     def add_configurations(self, experiments: Any) -> None:
         super().add_configurations(experiments)
-        self._total_samples = self.study.num_samples
+        self._total_samples = self.searcher.study.num_samples
 
     def set_state(self, state: dict[str, Any]) -> None:
         super().set_state(state)
-        self._total_samples = self.study.num_samples
+        self._total_samples = self.searcher.study.num_samples
 
 
 def finish_study(study: StudyContext) -> int:
     """After a study ran to its end: tell FAIL for trials still RUNNING in the database (errored
     for good, or asked by a driver that died and never used). Returns how many."""
-    optuna_study = optuna.load_study(study_name=study.name, storage=storage_url(study.folder))
+    optuna_study = optuna.load_study(study_name=study.name, storage=study.optuna_url)
     running = optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in running:
         optuna_study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)

@@ -193,7 +193,7 @@ class WandbCallback(_StudyCallback):
             action, args = job
             self._guarded(action, *args)
 
-    def _run(self, trial_id: str, config: dict[str, Any]) -> Any:
+    def _run(self, trial_id: str, config: dict[str, Any] | None) -> Any:
         if trial_id not in self.runs:
             import wandb
 
@@ -234,10 +234,11 @@ class WandbCallback(_StudyCallback):
             print(f"warning: W&B logging stopped ({type(exc).__name__}: {str(exc)[:200]}); the study continues")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        config = None if trial.trial_id in self.open else hyperparameter_row(trial)  # for opening its run
         self.open.add(trial.trial_id)
-        self._submit(self._log, trial.trial_id, hyperparameter_row(trial), EpochReport.from_result(result))
+        self._submit(self._log, trial.trial_id, config, EpochReport.from_result(result))
 
-    def _log(self, trial_id: str, config: dict[str, Any], report: EpochReport) -> None:
+    def _log(self, trial_id: str, config: dict[str, Any] | None, report: EpochReport) -> None:
         run = self._run(trial_id, config)
         epoch = int(report.epoch["epoch"])
         metrics: dict[str, Any] = {key: value for key, value in report.epoch.items() if value is not None}
