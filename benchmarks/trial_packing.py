@@ -23,7 +23,11 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
+
+from tune_cifar import cli
+from tune_cifar.errors import UsageError
 
 REPO_SPACE = "search_spaces/seed_best.yaml"
 
@@ -47,13 +51,15 @@ def train_for(config_values: dict[str, Any], device: str, seconds: float, thread
     return {"images_per_s": statistics.median(rates), "epochs": len(rates), "precision": trainer.precision}
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--trials", type=int, default=4, help="trials packed at once (4: --gpus-per-trial 0.25)")
     parser.add_argument("--seconds", type=float, default=20.0, help="timed training per trial, after a warm-up")
     parser.add_argument("--config", default=REPO_SPACE, help="a config or a space file that fixes every key")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.trials < 1 or args.seconds <= 0:
+        raise UsageError("--trials must be at least 1 and --seconds positive")
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # as a local study: no warning, loopback only
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
@@ -63,7 +69,7 @@ def main() -> None:
     from tune_cifar.spaces import load_config_file
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but torch sees no CUDA GPU (use --device cpu)")
+        raise UsageError("--device cuda, but torch sees no CUDA GPU (use --device cpu)")
     config = cfg.to_dict(load_config_file(args.config))
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     if args.device == "cuda":
@@ -86,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
