@@ -29,6 +29,16 @@ def test_cross_entropy_matches_torch(batch) -> None:
     torch.testing.assert_close(loss, F.cross_entropy(logits, targets))
 
 
+def test_label_smoothing_is_the_reports_formula(batch) -> None:
+    """The second report's LabelSmoothingCrossEntropy: (1 - s) * NLL + s * mean over classes of -log p."""
+    logits, targets = batch
+    log_p = F.log_softmax(logits, dim=1)
+    nll = -log_p.gather(1, targets.unsqueeze(1)).squeeze(1)
+    expected = (0.85 * nll + 0.15 * -log_p.mean(dim=1)).mean()
+    loss = build_loss(TrainConfig(loss="label_smoothing", label_smoothing=0.15))
+    torch.testing.assert_close(loss(logits, targets), expected)
+
+
 def test_label_smoothing_matches_torch(batch) -> None:
     logits, targets = batch
     loss = build_loss(TrainConfig(loss="label_smoothing", label_smoothing=0.2))(logits, targets)

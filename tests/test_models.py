@@ -129,7 +129,30 @@ def test_compiles_without_graph_breaks() -> None:
 
 
 def test_kaiming_init_keeps_deep_vgg_logits_alive() -> None:
-    # Without BN, PyTorch's default init would shrink VGG-A's logits to ~1e-4 (see models.py).
+    # Without BN, PyTorch's default init shrinks how VGG-A's logits vary with the image to ~1e-5
+    # (what is left is the biases, the same for every image); Kaiming keeps it (see models.py).
     torch.manual_seed(0)
-    logits = VGGA(batchnorm=False)(torch.randn(16, 3, 32, 32))
-    assert 0.1 < logits.std().item() < 10.0
+    x = torch.randn(16, 3, 32, 32)
+    assert 0.05 < VGGA(batchnorm=False)(x).std(0).mean().item() < 10.0
+    assert VGGA(batchnorm=False, init="torch")(x).std(0).mean().item() < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("model", "default"), [("small_cnn", "torch"), ("conditioned_cnn", "kaiming"), ("vgg_a", "kaiming")]
+)
+def test_init_per_network_and_what_each_draws(model: str, default: str) -> None:
+    """Each network's default init, and what ``torch`` and ``kaiming`` put in a hidden layer:
+    PyTorch's uniform ±1/sqrt(fan_in) with a non-zero bias, or Kaiming-normal with a zero bias."""
+    assert TrainConfig(model=model).init == default
+    torch.manual_seed(0)
+    layers = {init: build_model(TrainConfig(model=model, init=init)) for init in ("torch", "kaiming")}
+    for init, network in layers.items():
+        fc1 = network.classifier.fc1
+        bound = fc1.in_features**-0.5
+        if init == "torch":
+            assert fc1.weight.abs().max() <= bound and fc1.bias.abs().max() > 0
+        else:
+            assert fc1.weight.abs().max() > bound and torch.count_nonzero(fc1.bias) == 0
+            # fan-in normal with ReLU's gain (slope 0.01 for leaky_relu barely changes it): std sqrt(2 / fan_in)
+            assert abs(fc1.weight.std().item() * fc1.in_features**0.5 - 2**0.5) < 0.05
+        assert network.classifier[-1].weight.abs().max() <= network.classifier[-1].in_features ** -0.5  # output layer

@@ -84,7 +84,7 @@ def test_weight_decay_only_on_weights() -> None:
     assert decayed["weight_decay"] == 0.5 and other["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in other["params"])
     assert len(decayed["params"]) + len(other["params"]) == len(list(model.parameters()))
-    assert [id(p) for p in decayed["params"]] == [id(p) for p in decayed_parameters(model)]
+    assert [id(p) for p in decayed["params"]] == [id(p) for p in decayed_parameters(model, "weights")]
     bn_params = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
     assert bn_params <= {id(p) for p in other["params"]}
 
@@ -96,6 +96,27 @@ def test_weight_decay_only_on_weights() -> None:
     for name, p in model.named_parameters():
         expected = before[name] * (1 - 0.1 * 0.5) if p.ndim > 1 else before[name]
         torch.testing.assert_close(p.detach(), expected, msg=name)
+
+
+def test_decay_scope_all_decays_every_parameter_like_adam_over_model_parameters() -> None:
+    """The second report's ``Adam(model.parameters(), weight_decay=wd)``: one decayed group holding
+    biases and BN scales and shifts too, stepping exactly as that optimizer does."""
+    torch.manual_seed(0)
+    model = ConditionedCNN(filters=(4, 4, 4))
+    reference = copy.deepcopy(model)
+    config = TrainConfig(optimizer="adam", lr=0.01, weight_decay=0.5, decay_scope="all")
+    optimizer = build_optimizer(model, config)
+    assert len(optimizer.param_groups) == 1
+    assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(p) for p in model.parameters()]
+    assert decayed_parameters(model, "all") == list(model.parameters())
+    plain = torch.optim.Adam(reference.parameters(), lr=0.01, weight_decay=0.5)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        p.grad = torch.full_like(p, 0.1)
+        q.grad = torch.full_like(q, 0.1)
+    optimizer.step()
+    plain.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), msg=name)
 
 
 def test_apply_l1_adds_l1_times_sign_of_weight() -> None:

@@ -27,11 +27,16 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "sign_sgd")
 SCHEDULERS = ("none", "step", "plateau", "cosine")
 LOSSES = ("cross_entropy", "focal", "mse", "label_smoothing")
 PRECISIONS = ("auto", "fp32", "bf16")  # see tune_cifar.precision
+INITS = ("torch", "kaiming")  # see tune_cifar.models.initialise
+DECAY_SCOPES = ("weights", "all")  # see tune_cifar.optim.decayed_parameters
 DATA_SOURCES = ("cifar10", "synthetic")  # what --data and a space's data.source may name
 
 # small_cnn and vgg_a are fixed architectures (the first report's network, VGG-A); only the
 # conditioned CNN has configurable widths.
 DEFAULT_FILTERS = {"small_cnn": (), "conditioned_cnn": (64, 128, 256), "vgg_a": ()}
+# The small CNN keeps PyTorch's default init, as the first report trained it; the deeper networks
+# default to Kaiming-normal, which keeps VGG-A without batch norm trainable (see models.py).
+DEFAULT_INIT = {"small_cnn": "torch", "conditioned_cnn": "kaiming", "vgg_a": "kaiming"}
 
 
 @dataclass(frozen=True)
@@ -43,10 +48,12 @@ class TrainConfig:
     batchnorm: bool = True
     activation: str = "relu"
     activation_slope: float = 0.01  # negative slope of leaky_relu
+    init: str | None = None  # torch (PyTorch's defaults) or kaiming; None: the model's own (DEFAULT_INIT)
     dropout: float = 0.0  # in the fully connected head
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
+    decay_scope: str = "weights"  # what weight decay and L1 act on: weights (ndim > 1) or all parameters
     momentum: float = 0.9  # SGD momentum, or sign-SGD's sign-of-momentum (0 = plain sign of g)
     nesterov: bool = False
     l1: float = 0.0  # L1 penalty on all weights, added to the gradient
@@ -73,6 +80,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.filters is None:
             object.__setattr__(self, "filters", DEFAULT_FILTERS.get(self.model, ()))
+        if self.init is None:
+            object.__setattr__(self, "init", DEFAULT_INIT.get(self.model, "kaiming"))
         _validate(self)
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -81,12 +90,13 @@ class TrainConfig:
 
 
 KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig))
-_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+# "str | None" is a str whose None means "the model's own" (filters, init): stored resolved.
+_FIELD_TYPES = {f.name: f.type.removesuffix(" | None") for f in dataclasses.fields(TrainConfig)}
 
 
 def field_type(key: str) -> str:
     """A key's value type as the dataclass spells it: ``"int"``, ``"float"``, ``"bool"``, ``"str"``,
-    or the filters tuple's annotation. Schemas, spaces and analysis ask here."""
+    or ``"tuple[int, ...]"`` for filters. Schemas, spaces and analysis ask here."""
     return _FIELD_TYPES[key]
 
 # key -> (the key it depends on, the values of that key under which it is active). A key is
@@ -274,6 +284,8 @@ def _validate(config: TrainConfig) -> None:
     _check_choice("scheduler", config.scheduler, SCHEDULERS)
     _check_choice("loss", config.loss, LOSSES)
     _check_choice("precision", config.precision, PRECISIONS)
+    _check_choice("init", config.init, INITS)
+    _check_choice("decay_scope", config.decay_scope, DECAY_SCOPES)
     expected_filters = len(DEFAULT_FILTERS[config.model])
     if len(config.filters) != expected_filters:
         raise UsageError(

@@ -65,7 +65,7 @@ class Trainer:
         )
         self.schedule = LrSchedule(self.optimizer, config, steps_per_epoch=len(self.train_loader))
         self.telemetry = Telemetry(self.model)
-        self.decayed = decayed_parameters(self.model)  # the weights L1 and weight decay act on
+        self.decayed = decayed_parameters(self.model, config.decay_scope)  # what L1 and weight decay act on
         self.swa_model = AveragedModel(self.model) if config.swa_epochs else None
         # Built once: the validation split stays on the device for every epoch's evaluation.
         # None when retraining on train + validation.

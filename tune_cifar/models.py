@@ -9,14 +9,15 @@ so the models trace under ``torch.compile(fullgraph=True)``, accept ``channels_l
 (``flatten`` reads the logical NCHW order whatever the memory format) and run under
 ``torch.autocast``.
 
-Initialisation: :class:`SmallCNN` keeps PyTorch's defaults because it reproduces the first
-report's network, and changing its init would change the baseline it is compared with.
-:class:`ConditionedCNN` and :class:`VGGA` use Kaiming-normal (fan-in) weights and zero biases
-on every layer followed by a nonlinearity: PyTorch's default draws weights with a third of the
-variance a ReLU layer needs to keep its activations' scale, so without batch norm the signal of
-an 11-layer VGG-A shrinks about sixfold in second moment per layer (6^-11 overall) and SGD
-barely moves it. The output layers keep the default init, so the logits start small and the
-initial loss is close to log(10).
+Initialisation is the ``init`` key (:func:`initialise`): ``torch`` keeps PyTorch's defaults, as
+both reports trained (their recipes set it; ``benchmarks/recipe_fidelity.py`` compares them
+with the reports' own code); ``kaiming`` draws
+Kaiming-normal (fan-in) weights and zero biases on every layer followed by a nonlinearity.
+PyTorch's default draws weights with a third of the variance a ReLU layer needs to keep its
+activations' scale, so without batch norm the signal of an 11-layer VGG-A shrinks about sixfold
+in second moment per layer (6^-11 overall) and SGD barely moves it; that is why ``kaiming`` is
+the default of the two deeper networks. The output layers keep the default init either way,
+so the logits start small and the initial loss is close to log(10).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class SmallCNN(nn.Module):
     1,070,794 parameters and 6,654,464 multiply-accumulates per 3x32x32 image.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, init: str = "torch") -> None:
         super().__init__()
         self.features = nn.Sequential(
             OrderedDict(
@@ -61,6 +62,7 @@ class SmallCNN(nn.Module):
                 fc2=nn.Linear(256, NUM_CLASSES),
             )
         )
+        initialise(init, [self.features.conv1, self.features.conv2, self.classifier.fc1], "relu", 0.0)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
@@ -79,6 +81,7 @@ class ConditionedCNN(nn.Module):
         activation: str = "relu",
         activation_slope: float = 0.01,
         dropout: float = 0.0,
+        init: str = "kaiming",
     ) -> None:
         super().__init__()
         layers: OrderedDict[str, nn.Module] = OrderedDict()
@@ -109,7 +112,7 @@ class ConditionedCNN(nn.Module):
                 fc3=nn.Linear(256, NUM_CLASSES),
             )
         )
-        kaiming_init([*convs, fc1, fc2], activation, activation_slope)
+        initialise(init, [*convs, fc1, fc2], activation, activation_slope)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
@@ -122,7 +125,7 @@ class VGGA(nn.Module):
     bias is kept so the two variants differ only by the BN layers).
     """
 
-    def __init__(self, batchnorm: bool = True) -> None:
+    def __init__(self, batchnorm: bool = True, init: str = "kaiming") -> None:
         super().__init__()
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         convs: list[nn.Conv2d] = []
@@ -154,7 +157,7 @@ class VGGA(nn.Module):
                 fc3=nn.Linear(512, NUM_CLASSES),
             )
         )
-        kaiming_init([*convs, fc1, fc2], "relu", 0.0)
+        initialise(init, [*convs, fc1, fc2], "relu", 0.0)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
@@ -171,12 +174,18 @@ def make_activation(name: str, slope: float) -> nn.Module:
     raise ValueError(f"unknown activation {name!r}")
 
 
-def kaiming_init(layers: Iterable[nn.Conv2d | nn.Linear], activation: str, slope: float) -> None:
-    """Kaiming-normal (fan-in) weights and zero biases for layers that feed ``activation``.
+def initialise(init: str, layers: Iterable[nn.Conv2d | nn.Linear], activation: str, slope: float) -> None:
+    """Initialise the layers that feed ``activation``: left at PyTorch's defaults for ``torch``
+    (weights and biases uniform in ±1/sqrt(fan_in)); Kaiming-normal (fan-in) weights and zero
+    biases for ``kaiming``.
 
     ELU has no entry in :func:`torch.nn.init.calculate_gain`; it is ReLU-like for positive
     inputs, so it takes ReLU's gain.
     """
+    if init == "torch":
+        return
+    if init != "kaiming":
+        raise ValueError(f"unknown init {init!r}")
     nonlinearity = "leaky_relu" if activation == "leaky_relu" else "relu"
     for layer in layers:
         nn.init.kaiming_normal_(layer.weight, a=slope, mode="fan_in", nonlinearity=nonlinearity)
@@ -187,7 +196,7 @@ def kaiming_init(layers: Iterable[nn.Conv2d | nn.Linear], activation: str, slope
 def build_model(config: TrainConfig) -> nn.Module:
     """The network ``config.model`` names, with the architecture keys it takes."""
     if config.model == "small_cnn":
-        return SmallCNN()
+        return SmallCNN(init=config.init)
     if config.model == "conditioned_cnn":
         return ConditionedCNN(
             filters=config.filters,
@@ -195,7 +204,8 @@ def build_model(config: TrainConfig) -> nn.Module:
             activation=config.activation,
             activation_slope=config.activation_slope,
             dropout=config.dropout,
+            init=config.init,
         )
     if config.model == "vgg_a":
-        return VGGA(batchnorm=config.batchnorm)
+        return VGGA(batchnorm=config.batchnorm, init=config.init)
     raise ValueError(f"unknown model {config.model!r}")

@@ -1,10 +1,12 @@
 """Optimizers, the L1 penalty and the learning-rate schedule, built from a :class:`TrainConfig`.
 
-Weight decay (and the L1 penalty) applies only to parameters with more than one dimension:
-conv and linear weights. Biases and batch-norm scales/shifts are left out, as in most CNN
-training recipes (Goyal et al. 2017; airbench): they are few and add little capacity, so
-decaying them regularises little, while shrinking a BN scale or shift towards zero constrains
-each channel's output scale and offset, which the network must be free to set.
+Weight decay (and the L1 penalty) applies by default (``decay_scope: weights``) only to
+parameters with more than one dimension: conv and linear weights. Biases and batch-norm
+scales/shifts are left out, as in most CNN training recipes (Goyal et al. 2017; airbench): they
+are few and add little capacity, so decaying them regularises little, while shrinking a BN scale
+or shift towards zero constrains each channel's output scale and offset, which the network must
+be free to set. ``decay_scope: all`` decays every parameter, as ``torch.optim.Adam(model.parameters(),
+weight_decay=...)`` does in the second report's code.
 
 Nothing here reads a tensor back to the host on the per-step path: the optimizers run on
 ``foreach``/``fused`` kernels, and :class:`LrSchedule` only touches Python floats per step.
@@ -71,20 +73,24 @@ class SignSGD(Optimizer):
         return state["momentum_buffer"]
 
 
-def decayed_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable weights (``ndim > 1``) that weight decay and the L1 penalty act on."""
-    return [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+def decayed_parameters(model: nn.Module, scope: str) -> list[nn.Parameter]:
+    """The trainable parameters weight decay and the L1 penalty act on: those with ``ndim > 1``
+    (conv and linear weights) for ``scope="weights"``, every one for ``scope="all"``."""
+    if scope not in ("weights", "all"):
+        raise ValueError(f"unknown decay scope {scope!r}")
+    return [p for p in model.parameters() if p.requires_grad and (scope == "all" or p.ndim > 1)]
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> Optimizer:
-    """``config.optimizer`` over two groups: weights with ``config.weight_decay``, the rest with none.
+    """``config.optimizer`` over two groups: the decayed parameters (``config.decay_scope``) with
+    ``config.weight_decay``, the rest (if any) with none.
 
     The decayed group is ``param_groups[0]``. Adam's weight decay is the coupled L2 term,
     AdamW's the decoupled one (Loshchilov & Hutter 2019). ``fused=True`` runs each update as
     one kernel over all tensors; PyTorch supports it for these three on CPU and CUDA. Build the
     optimizer after moving the model to its device.
     """
-    decayed = decayed_parameters(model)
+    decayed = decayed_parameters(model, config.decay_scope)
     decayed_ids = {id(p) for p in decayed}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in decayed_ids]
     groups = [
