@@ -21,6 +21,9 @@ from matplotlib.figure import Figure
 
 from tune_cifar import config as cfg
 from tune_cifar.errors import UsageError
+from tune_cifar.outcome import Outcome
+from tune_cifar.plan import StudyPlan
+from tune_cifar.study_folder import StudyFolder
 from tune_cifar.tables import finished_trials, read_table
 
 # The second source report's best configuration reached this test accuracy (91.53%).
@@ -39,6 +42,7 @@ class Study:
 
     folder: Path
     trials: pd.DataFrame
+    plan: StudyPlan | None = None  # what the study stored (None for a single run's folder)
     _tables: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
 
     @property
@@ -66,7 +70,7 @@ class Study:
         return self._tables[name]
 
     def has_table(self, name: str) -> bool:
-        return name in self._tables or any((self.folder / name).glob("part-*.parquet"))
+        return name in self._tables or StudyFolder(self.folder).has_table(name)
 
     def trial(self, trial_id: str) -> pd.Series:
         rows = self.trials[self.trials["trial_id"] == trial_id]
@@ -83,13 +87,22 @@ class Study:
         trials = self.finished if trials is None else trials
         return [key for key in HYPERPARAMETERS if trials[key].dropna().astype(str).nunique() >= 2]
 
-    def budgets(self) -> list[int]:
-        """The epoch counts at which finished trials can be compared: where each of them ended.
+    @property
+    def rungs(self) -> tuple[int, ...]:
+        """ASHA's rungs, as the study's plan holds them (none without ASHA or a plan)."""
+        return self.plan.rungs if self.plan else ()
 
-        Under ASHA these are its rungs (where it stopped trials) and the full budget; without
-        early stopping, the one budget every trial ran. Every finished trial reached the first.
+    def budgets(self) -> list[int]:
+        """The epoch counts at which finished trials can be compared, that some finished trial reached.
+
+        For a study, its plan's budgets: ASHA's rungs and the full budget (without early stopping,
+        the one budget every trial ran); every finished trial reached the first. For a folder of
+        single runs, where each run ended.
         """
-        return sorted(int(epochs) for epochs in self.finished["epochs_run"].dropna().unique())
+        reached = self.finished["epochs_run"].dropna().astype(int)
+        if self.plan is None:
+            return sorted(reached.unique().tolist())
+        return [epochs for epochs in self.plan.budgets if (reached >= epochs).any()]
 
     def at_budget(self, epochs: int) -> pd.DataFrame:
         """Finished trials that ran at least ``epochs`` epochs, with ``val_acc`` after exactly that many.
@@ -101,12 +114,13 @@ class Study:
         reached = self.finished[self.finished["epochs_run"] >= epochs]
         table = self.table("epochs")
         values = table[table["epoch"] == epochs].set_index("trial_id")["val_acc"]
-        at = reached.assign(val_acc=reached["trial_id"].map(values), stopped=reached["status"] == "STOPPED")
+        stopped = reached["status"] == Outcome.STOPPED.status
+        at = reached.assign(val_acc=reached["trial_id"].map(values), stopped=stopped)
         at = at[at["val_acc"].notna()]
         return at.sort_values(["val_acc", "trial_id"], ascending=[False, True])
 
     def out_dir(self) -> Path:
-        out = self.folder / "analysis"
+        out = StudyFolder(self.folder).analysis
         out.mkdir(parents=True, exist_ok=True)
         return out
 
@@ -133,9 +147,9 @@ def load_study(folder: str | Path) -> Study:
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"{folder}: not a study folder (no such directory)")
-    if not (folder / "trials").is_dir():
+    if not StudyFolder(folder).table("trials").is_dir():
         raise UsageError(f"{folder}: not a study folder (no trials/ table; give the folder tune_cifar.search wrote)")
-    return Study(folder, read_table(folder, "trials"))
+    return Study(folder, read_table(folder, "trials"), StudyPlan.load_if_any(folder))
 
 
 

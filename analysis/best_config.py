@@ -29,9 +29,9 @@ from typing import Any
 import optuna
 import pandas as pd
 from matplotlib.figure import Figure
-from optuna.distributions import CategoricalDistribution, IntDistribution
+from optuna.distributions import IntDistribution
 
-from tune_cifar import cli, spaces
+from tune_cifar import cli
 from tune_cifar import config as cfg
 from tune_cifar.analysis import search_views
 from tune_cifar.analysis._study import (
@@ -48,7 +48,8 @@ from tune_cifar.analysis._study import (
     save,
 )
 from tune_cifar.errors import UsageError
-from tune_cifar.study_folder import SETTINGS_FILE, SPACE_COPY
+from tune_cifar.outcome import Outcome
+from tune_cifar.study_folder import StudyFolder
 from tune_cifar.tables import read_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,28 +74,40 @@ def factor_table(study: Study, factor: str) -> pd.DataFrame:
     A trial counts at every budget it reached, with its accuracy after exactly that many
     epochs, so no number mixes trials of different budgets (ASHA's first rung holds every
     finished trial, the next only the survivors). Trials where the factor is inactive (null:
-    ``activation`` of a VGG-A) are left out, not pooled into a fake level.
+    ``activation`` of a VGG-A) are left out, not pooled into a fake level. Trials that diverged
+    (training loss NaN or infinite) have no accuracy to average: ``diverged`` counts them per level,
+    and a level whose every trial diverged gets a row with no accuracy.
     """
+    lost = study.trials[(study.trials["status"] == Outcome.DIVERGED.status) & study.trials[factor].notna()]
+    lost_per_level = lost[factor].map(native).value_counts().to_dict()
     rows = []
     for epochs in study.budgets():
         at = study.at_budget(epochs)
         active = at[at[factor].notna()]
-        for level, group in active.groupby(active[factor].map(native), sort=False):
-            best = group.iloc[0]  # at_budget sorts best first
+        groups = dict(list(active.groupby(active[factor].map(native), sort=False)))
+        for level in [*groups, *(level for level in lost_per_level if level not in groups)]:
+            group = groups.get(level, active.iloc[:0])
+            best = group.iloc[0] if len(group) else None  # at_budget sorts best first
             rows.append(
                 {
                     "epochs": epochs,
                     factor: level,
                     "trials": len(group),
+                    "diverged": lost_per_level.get(level, 0),
                     "mean_val_acc": group["val_acc"].mean(),
                     "std_val_acc": group["val_acc"].std(ddof=1),  # NaN for a single trial
-                    "best_val_acc": best["val_acc"],
-                    "best_trial": best["trial_id"],
+                    "best_val_acc": None if best is None else best["val_acc"],
+                    "best_trial": None if best is None else best["trial_id"],
                 }
             )
-    columns = ["epochs", factor, "trials", "mean_val_acc", "std_val_acc", "best_val_acc", "best_trial"]
+    columns = ["epochs", factor, "trials", "diverged", "mean_val_acc", "std_val_acc", "best_val_acc", "best_trial"]
     table = pd.DataFrame(rows, columns=columns)
     return table.sort_values(["epochs", "mean_val_acc"], ascending=[True, False], ignore_index=True)
+
+
+def trials_cell(trials: int, diverged: int) -> str:
+    """``3``, or ``2 (1 of 3 diverged, left out)``: what a mean rests on and what it leaves out."""
+    return f"{trials} ({diverged} of {trials + diverged} diverged, left out)" if diverged else str(trials)
 
 
 def shown_leaderboard(board: pd.DataFrame) -> pd.DataFrame:
@@ -112,7 +125,7 @@ def shown_factor_table(table: pd.DataFrame, factor: str) -> pd.DataFrame:
         {
             "epochs": table["epochs"],
             factor: table[factor].map(fmt),
-            "trials": table["trials"],
+            "trials": [trials_cell(n, lost) for n, lost in zip(table["trials"], table["diverged"], strict=True)],
             "val acc mean ± std": spread,
             "best": table["best_val_acc"].map(pct),
             "best trial": table["best_trial"],
@@ -134,19 +147,22 @@ def distribution(key: str, values: pd.Series) -> optuna.distributions.BaseDistri
 
 
 def search_distributions(study: Study) -> dict[str, optuna.distributions.BaseDistribution] | None:
-    """The distributions Optuna sampled from, read from the study's copy of its space file.
+    """The distributions Optuna sampled from, as the study's ``optuna.db`` recorded them.
 
-    The same ones the persisted study (``optuna.db``) holds, so an importance computed here
-    equals ``optuna.importance`` on that study. None for a folder without one (a single run).
+    So an importance computed here equals ``optuna.importance`` on that study. Keys held by
+    ``--set`` were never sampled and are not there; the seed of a repeated grid is a repeat, not
+    a hyperparameter, and is left out. None for a folder without a database (single runs).
     """
-    path = study.folder / SPACE_COPY
-    if not path.is_file():
+    folder = StudyFolder(study.folder)
+    if not folder.optuna_db.is_file():
         return None
-    settings_path = study.folder / SETTINGS_FILE
-    held = json.loads(settings_path.read_text()).get("held") if settings_path.is_file() else None
-    space = spaces.hold(spaces.load(path), held or {})  # keys held by --set were not sampled
-    found = {key: spec.to_optuna() for key, spec in space.params.items()}
-    return found | {key: CategoricalDistribution(list(values)) for key, values in space.grid.items()}
+    stored = optuna.load_study(study_name=study.plan.name if study.plan else None, storage=folder.optuna_url)
+    found: dict[str, optuna.distributions.BaseDistribution] = {}
+    for trial in stored.get_trials(deepcopy=False):
+        for key, sampled in trial.distributions.items():
+            found.setdefault(key, sampled)
+    found.pop("seed", None)
+    return found
 
 
 def optuna_study(at: pd.DataFrame, distributions: dict[str, optuna.distributions.BaseDistribution]) -> optuna.Study:
@@ -308,7 +324,7 @@ def retrain(study: Study, epochs: int | None = None, **overrides: Any) -> dict[s
     """
     trial = study.trial(study.best_trial_id())
     config = cfg.from_row(trial)
-    out = study.folder / "retrain"
+    out = StudyFolder(study.folder).retrain
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} already holds a retrain; move it away to retrain again")
     command = [sys.executable, "-m", "tune_cifar.train", "--from-study", str(study.folder), "--train-on-val"]
@@ -344,7 +360,7 @@ def retrain(study: Study, epochs: int | None = None, **overrides: Any) -> dict[s
 
 
 def retrain_result(study: Study) -> dict[str, Any] | None:
-    path = study.folder / "retrain" / "result.json"
+    path = StudyFolder(study.folder).retrain / "result.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 

@@ -38,7 +38,7 @@ from tune_cifar.analysis._study import (
     save,
 )
 from tune_cifar.errors import UsageError
-from tune_cifar.tables import EXPLODING_GRAD_L2, VANISHING_GRAD_L2
+from tune_cifar.report import EXPLODING_GRAD_L2, VANISHING_GRAD_L2
 
 BAD = ("vanishing", "exploding")
 

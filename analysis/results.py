@@ -35,9 +35,10 @@ from tune_cifar import cli
 from tune_cifar import config as cfg
 from tune_cifar.analysis import bn_landscape, search_views
 from tune_cifar.analysis._study import Study, fmt, load_study, markdown_table, native, pct, save
-from tune_cifar.analysis.best_config import factor_table
+from tune_cifar.analysis.best_config import factor_table, trials_cell
 from tune_cifar.errors import UsageError
-from tune_cifar.tables import read_table
+from tune_cifar.outcome import count_words
+from tune_cifar.tables import outcome_counts, read_table
 
 # The second report's single runs (50-100 epochs, full CIFAR-10, test accuracy %), per factor.
 REPORTED = {
@@ -158,7 +159,7 @@ def factor_section(studies: Path) -> list[str]:
         shown = pd.DataFrame(
             {
                 factor: table[factor],
-                "seeds": table["trials"],
+                "seeds": [trials_cell(n, lost) for n, lost in zip(table["trials"], table["diverged"], strict=True)],
                 "val acc, mean ± std": [
                     f"{100 * m:.2f} ± {100 * s:.2f}"
                     for m, s in zip(table["mean_val_acc"], table["std_val_acc"], strict=True)
@@ -202,12 +203,11 @@ def tuned_section(studies: Path, figures: Path, link: str) -> list[str]:
     if (full / "trials").is_dir():
         study = load_study(full)
         best = study.require_finished().iloc[0]
-        counts = study.trials["status"].value_counts().to_dict()
+        counts = count_words(outcome_counts(study.trials))
         sampled = [k for k in study.varying(study.trials) if k != "seed" and not pd.isna(best[k])]
         parts += [
             f"TPE + ASHA over the full space (`full`, filters held at {best['filters']}): {len(study.trials)} trials "
-            f"({counts.get('TERMINATED', 0)} ran all epochs, {counts.get('STOPPED', 0)} stopped by ASHA, "
-            f"{counts.get('ERROR', 0)} errors), {budget(study)}, {wall(study) / 60:.0f} min of trial time. "
+            f"({counts}), {budget(study)}, {wall(study) / 60:.0f} min of trial time. "
             f"Best trial `{best['trial_id']}`: {pct(best['best_val_acc'])} validation accuracy, "
             f"{', '.join(f'{k}={fmt(best[k])}' for k in sampled)}.",
             "",

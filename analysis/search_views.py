@@ -17,14 +17,13 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from tune_cifar.analysis._study import CATEGORICAL, Study, fmt, log_spans_decades, native
+from tune_cifar.outcome import Outcome
 
-STATUS_STYLE = {"TERMINATED": ("tab:green", "o", "ran all epochs"), "STOPPED": ("tab:orange", "X", "stopped by ASHA")}
-
-
-def rungs(study: Study) -> list[int]:
-    """The epochs at which ASHA stopped trials: its rungs, as far as the data shows them."""
-    stopped = study.trials[study.trials["status"] == "STOPPED"]["epochs_run"].dropna()
-    return sorted(int(epoch) for epoch in stopped.unique())
+# The finished trials' statuses: (colour, marker, the outcome's words)
+STATUS_STYLE = {
+    Outcome.COMPLETED.status: ("tab:green", "o", Outcome.COMPLETED.console),
+    Outcome.STOPPED.status: ("tab:orange", "X", Outcome.STOPPED.console),
+}
 
 
 def plot_learning_curves(study: Study, top: int = 5) -> Figure:
@@ -41,7 +40,7 @@ def plot_learning_curves(study: Study, top: int = 5) -> Figure:
     losses: dict[str, np.ndarray] = {}
     for rank, row in enumerate(finished.itertuples(), start=1):
         curve = epochs[epochs["trial_id"] == row.trial_id].sort_values("epoch")
-        stopped = row.status == "STOPPED"
+        stopped = row.status == Outcome.STOPPED.status
         label = f"#{rank} {row.trial_id} ({100 * row.best_val_acc:.1f}%{', stopped by ASHA' if stopped else ''})"
         (line,) = acc_ax.plot(curve["epoch"], 100 * curve["val_acc"], marker=".", label=label)
         color = line.get_color()
@@ -109,7 +108,7 @@ def plot_asha(study: Study) -> Figure:
     trials = study.trials[study.trials["status"].isin(STATUS_STYLE)]
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     curves_ax, count_ax = fig.subplots(1, 2, width_ratios=(2, 1))
-    for rung in rungs(study):
+    for rung in study.rungs:
         curves_ax.axvline(rung, color="grey", ls=":", lw=1)
     for row in trials.itertuples():
         curve = epochs[epochs["trial_id"] == row.trial_id].sort_values("epoch")
@@ -120,7 +119,7 @@ def plot_asha(study: Study) -> Figure:
             curves_ax.scatter(last["epoch"], 100 * last["val_acc"], color=color, marker=marker, s=40, zorder=3)
     for status, (color, marker, label) in STATUS_STYLE.items():
         curves_ax.scatter([], [], color=color, marker=marker, label=f"{label} ({(trials['status'] == status).sum()})")
-    curves_ax.plot([], [], color="grey", ls=":", label="rung (an epoch where ASHA stopped trials)")
+    curves_ax.plot([], [], color="grey", ls=":", label="rung (an epoch where ASHA stops trials)")
     curves_ax.set(
         title="ASHA's stopping decisions: val accuracy until each trial stopped",
         xlabel="epoch",

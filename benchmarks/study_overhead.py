@@ -86,22 +86,32 @@ def run_one(space: str, every: int, folder: Path, wandb: str) -> None:
     from tune_cifar import search
 
     spent: dict[str, float] = defaultdict(float)
-    new_tuner = search._new_tuner
 
-    def timed_new_tuner(*args: Any, **kwargs: Any) -> Any:
+    def time_the_driver() -> None:
         # Ray is imported only now, after the driver set its environment up (as in a real run).
-        from tune_cifar import searcher, study_callbacks
+        from tune_cifar import console_callback, parquet_callback, searcher, tuner, wandb_callback
 
-        for owner, label in ((study_callbacks.ParquetCallback, "Parquet callback"),
-                             (study_callbacks.WandbCallback, "W&B callback"),
-                             (study_callbacks.ConsoleCallback, "console callback"),
-                             (searcher.StudySearch, "Optuna searcher")):  # fmt: skip
-            for name in ("on_trial_start", "on_trial_result", "on_trial_complete", "suggest", "on_step_end"):
-                if name in vars(owner):
-                    setattr(owner, name, _timed(getattr(owner, name), f"{label}: {name}", spent))
-        return new_tuner(*args, **kwargs)
+        new_tuner = tuner.new_tuner
 
-    search._new_tuner = timed_new_tuner
+        def timed_new_tuner(*args: Any, **kwargs: Any) -> Any:
+            for owner, label in ((parquet_callback.ParquetCallback, "Parquet callback"),
+                                 (wandb_callback.WandbCallback, "W&B callback"),
+                                 (console_callback.ConsoleCallback, "console callback"),
+                                 (searcher.StudySearch, "Optuna searcher")):  # fmt: skip
+                for name in ("on_trial_start", "on_trial_result", "on_trial_complete", "suggest", "on_step_end"):
+                    if name in vars(owner):
+                        setattr(owner, name, _timed(getattr(owner, name), f"{label}: {name}", spent))
+            return new_tuner(*args, **kwargs)
+
+        tuner.new_tuner = timed_new_tuner
+
+    prepare = search.ray_session.prepare_environment
+
+    def prepare_then_time(address: str | None) -> None:
+        prepare(address)
+        time_the_driver()
+
+    search.ray_session.prepare_environment = prepare_then_time
     argv = ["--space", space, "--name", "bench", "--storage-path", str(folder), "--wandb", wandb]
     code = search.main([*argv, "--checkpoint-every", str(every)])
     print("TIMINGS " + json.dumps(spent))
@@ -123,12 +133,11 @@ def _timed(method: Any, label: str, spent: dict[str, float]) -> Any:
 def summarise(folder: Path, every: int, whole: float, stdout: str) -> dict[str, Any]:
     import pandas as pd
 
-    from tune_cifar import search, spaces
-    from tune_cifar.study_folder import SETTINGS_FILE, SPACE_COPY
+    from tune_cifar.plan import StudyPlan
+    from tune_cifar.trainable import CheckpointPolicy
 
-    settings = json.loads((folder / SETTINGS_FILE).read_text())
-    space = spaces.load(folder / SPACE_COPY)
-    policy = search.checkpoint_policy(search.Settings(**settings), space, every)
+    plan = StudyPlan.load(folder)
+    policy = CheckpointPolicy(every, plan.rungs)
     fit = float(re.search(r"epochs in ([0-9.]+) s", stdout).group(1))
     callbacks = json.loads(re.search(r"^TIMINGS (.*)$", stdout, re.MULTILINE).group(1))
     epochs = pd.read_parquet(folder / "epochs")
@@ -140,15 +149,15 @@ def summarise(folder: Path, every: int, whole: float, stdout: str) -> dict[str, 
         trial_wall += rows[-1]["time_total_s"]
         set_up += rows[0]["time_this_iter_s"] - rows[0]["seconds"]
         for row in rows[1:]:
-            gaps[policy.due(row["epoch"], settings["max_epochs"])].append(row["time_this_iter_s"] - row["seconds"])
+            gaps[policy.due(row["epoch"], plan.max_epochs)].append(row["time_this_iter_s"] - row["seconds"])
     compute = float(epochs["seconds"].sum())
-    concurrency = _concurrency(space)
+    concurrency = _concurrency(plan.max_concurrent)
     reporting = (sum(gaps[True]) + sum(gaps[False])) / concurrency
     driver = sum(callbacks.values())
     return {
         "every": every,
         "epochs": len(epochs),
-        "budget": settings["num_samples"] * settings["max_epochs"],
+        "budget": plan.num_samples * plan.max_epochs,
         "whole": whole,
         "fit": fit,
         "ideal": compute / concurrency,
@@ -204,9 +213,9 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _concurrency(space: Any) -> int:
-    """Trials that could run at once: the space's max_concurrent, bounded by the CPUs (1 CPU a trial)."""
-    return max(1, min(space.max_concurrent or os.cpu_count() or 1, os.cpu_count() or 1))
+def _concurrency(max_concurrent: int | None) -> int:
+    """Trials that could run at once: the study's max_concurrent, bounded by the CPUs (1 CPU a trial)."""
+    return max(1, min(max_concurrent or os.cpu_count() or 1, os.cpu_count() or 1))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Targets on a 2-core CPU: full >= 0.90 x bare, telemetry overhead <= 3%, bf16 >= 
 the conditioned CNN on a CPU with native bf16.
 
     python benchmarks/train_throughput.py [--models small_cnn conditioned_cnn] [--precisions fp32 bf16]
-        [--images 6400] [--repeats 5] [--skip-per-sample]
+        [--images 6400] [--repeats 5] [--skip-per-sample] [--device cuda] [--compile]
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def telemetry_ablation(trainer: Trainer, repeats: int) -> dict[str, float]:
 def measure(model: str, precision: str, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     splits = load_splits("synthetic", subset=args.images, seed=0)
     config = TrainConfig(model=model, batch_size=args.batch_size, epochs=1000, precision=precision)
-    trainer = Trainer(config, splits, device=device)
+    trainer = Trainer(config, splits, device=device, compile=args.compile)
     steps = len(trainer.train_loader)
     rates = telemetry_ablation(trainer, args.repeats)
     rates["bare"] = median_rate(lambda: bare_rate(trainer, steps), args.repeats)
@@ -112,12 +112,14 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument("--skip-per-sample", action="store_true", help="leave out the per-sample pipeline")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (as train --compile)")
     args = parser.parse_args()
     device = torch.device(args.device)
     native = "native bf16" if device.type == "cuda" or cpu_has_native_bf16() else "no native bf16"
     print(
         f"device {device} ({native}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"batch {args.batch_size}, {args.images} synthetic images per epoch, median of {args.repeats}"
+        + (", torch.compile" if args.compile else "")
     )
     print(
         f"{'model':<16}{'precision':>10}{'full':>10}{'bare':>10}{'no telem':>10}{'per-sample':>12}"

@@ -181,6 +181,9 @@ class FakeCluster:
             RAY_AUTH_TOKEN=secrets.token_hex(32),
             RAY_ADDRESS=self.address,  # so `--address auto` and ray.init("auto") find *this* cluster
             RAY_USAGE_STATS_ENABLED="0",
+            # every node of this cluster is this machine: a local --storage-path is shared (the
+            # public setting a user with an NFS mount sets; the product knows nothing of this provider)
+            TUNE_CIFAR_ALLOW_LOCAL_STORAGE="1",
         )
         env.update(self.extra_env)
         return env

@@ -20,6 +20,9 @@ import pytest
 from tune_cifar import cli
 from tune_cifar import config as cfg
 from tune_cifar.analysis import _study, best_config, bn_landscape, gradient_flow, search_views
+from tune_cifar.plan import StudyPlan
+from tune_cifar.spaces import load as load_space
+from tune_cifar.study_folder import StudyFolder
 from tune_cifar.tables import TrialRecord
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,7 +273,23 @@ def make_fake_study(root: Path, trials: list[dict[str, Any]] = FAKE_TRIALS) -> P
             "wall_s": 10.0 * trial["epochs_run"],
         }
         record.write(folder)
+    write_plan(folder, grace_period=1, reduction_factor=2)
     return folder
+
+
+def write_plan(folder: Path, grace_period: int | None, reduction_factor: int = 2) -> None:
+    """The study's stored plan and space copy, as ``tune_cifar.search`` leaves them (ASHA at
+    ``grace_period``, none when None), for a study built here from fabricated rows."""
+    study = StudyFolder(folder)
+    asha = f"{{grace_period: {grace_period}, reduction_factor: {reduction_factor}}}" if grace_period else "null"
+    study.space.write_text(
+        f"description: fabricated\nnum_samples: 10\nmax_epochs: {MAX_EPOCHS}\ndata: {{source: synthetic}}\n"
+        f"asha: {asha}\nfixed: {{}}\nparams: {{lr: {{loguniform: [1.0e-4, 1.0e-1]}}}}\n"
+    )
+    plan = StudyPlan(name=folder.name, space_file=str(study.space), num_samples=10, max_epochs=MAX_EPOCHS,
+                     data="synthetic", subset=None, val_size=None, seed=0, wandb="disabled",
+                     grace_period=grace_period)  # fmt: skip
+    plan.with_space(load_space(study.space)).save(study)
 
 
 def _study_health(healths: set[str]) -> str:
@@ -689,7 +708,7 @@ def test_retrain_trains_on_train_plus_val_and_tests_once(fake_dir: Path, tmp_pat
 
 def test_search_views_show_the_epochs_table(fake_dir: Path) -> None:
     study = _study.load_study(fake_dir)
-    assert search_views.rungs(study) == [1, 2, 4]  # where the fictitious ASHA stopped trials
+    assert study.rungs == (1, 2, 4)  # the fictitious ASHA's plan: grace 1, factor 2, 6 epochs
     epochs = parquet(fake_dir, "epochs")
     curves = search_views.plot_learning_curves(study, top=3).axes[0]
     for line, trial_id in zip(curves.lines, study.finished["trial_id"].head(3), strict=True):

@@ -150,9 +150,11 @@ def test_is_multi_node_counts_machines() -> None:
     assert not cluster.is_multi_node(ClusterView((HEAD,), Autoscaler(())))
     assert cluster.is_multi_node(ClusterView((HEAD, CPU_WORKER), Autoscaler(())))
     assert cluster.is_multi_node(ClusterView((HEAD,), Autoscaler((GPU_TYPE,), provider="aws")))
-    # several raylets on one machine (the fake_multinode provider) share its filesystem
+    # several raylets on one machine: one host, but an autoscaler that may add nodes counts whatever
+    # its provider (TUNE_CIFAR_ALLOW_LOCAL_STORAGE=1 is how a user says the nodes share a folder)
     local = [Node(f"n{i}", "127.0.0.1", i == 0, {}) for i in range(3)]
-    assert not cluster.is_multi_node(ClusterView(tuple(local), Autoscaler((GPU_TYPE,), provider="fake_multinode")))
+    assert not cluster.is_multi_node(ClusterView(tuple(local), Autoscaler(())))
+    assert cluster.is_multi_node(ClusterView(tuple(local), Autoscaler((GPU_TYPE,), provider="fake_multinode")))
     # unknown autoscaler: only what is alive counts
     assert not cluster.is_multi_node(ClusterView((HEAD,), None))
 

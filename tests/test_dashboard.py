@@ -23,7 +23,7 @@ import optuna
 import psutil
 import pytest
 
-from tune_cifar.study_folder import OPTUNA_DB, storage_url
+from tune_cifar.study_folder import StudyFolder
 
 REPO = Path(__file__).resolve().parents[1]
 # (state, validation accuracy per epoch): two ran all 3 epochs, one was stopped by ASHA after 1, one failed
@@ -43,7 +43,7 @@ def free_port() -> int:
 
 def make_study(folder: Path, name: str = "smoke") -> optuna.Study:
     folder.mkdir(parents=True)
-    study = optuna.create_study(study_name=name, storage=storage_url(folder), direction="maximize")
+    study = optuna.create_study(study_name=name, storage=StudyFolder(folder).optuna_url, direction="maximize")
     for number, (state, curve) in enumerate(TRIALS):
         trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
         trial.set_user_attr("ray_trial_id", f"ray{number:04d}")
@@ -104,7 +104,7 @@ def test_serves_the_study_database_on_loopback(tmp_path: Path) -> None:
             server.kill()
             server.communicate()
     url = f"http://127.0.0.1:{port}/dashboard"
-    assert out.splitlines()[0] == f"optuna-dashboard for {study_dir / OPTUNA_DB} at {url} (Ctrl-C stops it)"
+    assert out.splitlines()[0] == f"optuna-dashboard for {StudyFolder(study_dir).optuna_db} at {url} (Ctrl-C stops it)"
     assert err == ""  # no line per request
 
 
@@ -115,7 +115,8 @@ def test_a_folder_without_optuna_db_is_one_line_and_exit_2(tmp_path: Path, make:
         (folder / "trials").mkdir(parents=True)
     done = subprocess.run(dashboard(str(folder)), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.strip() == f"error: {folder}: no {OPTUNA_DB} (expected {folder / OPTUNA_DB}); " \
+    expected = StudyFolder(folder).optuna_db
+    assert done.stderr.strip() == f"error: {folder}: no optuna.db (expected {expected}); " \
         "is this a tune-cifar study folder?"  # fmt: skip
     assert done.stdout == ""
 

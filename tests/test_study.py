@@ -10,6 +10,7 @@ a cluster left over by someone else and nothing is written to ``/tmp/ray`` or ``
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -31,9 +32,10 @@ import pandas as pd
 import pytest
 
 from tune_cifar import config as cfg
-from tune_cifar.study_folder import StudyContext, storage_url
+from tune_cifar.study_folder import StudyContext, StudyFolder
 
 REPO = Path(__file__).resolve().parents[1]
+FAULT_INJECTION = REPO / "tests" / "fault_injection"
 SMOKE_TRIALS = 8
 SMOKE_EPOCHS = 3
 CRASH_EPOCH = 2
@@ -46,7 +48,10 @@ def free_port() -> int:
 
 
 def study_env(ray_tmp: Path, **extra: str) -> dict[str, str]:
+    """A study's environment; with ``TUNE_CIFAR_CRASH_ONCE`` in ``extra``, the test-only fault
+    injection (``tests/fault_injection``) is on the path of every process the study starts."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WANDB_", "TUNE_"))}
+    faults = [str(FAULT_INJECTION)] if "TUNE_CIFAR_CRASH_ONCE" in extra else []
     env.update(
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=secrets.token_hex(32),  # never read or write ~/.ray/auth_token
@@ -54,7 +59,7 @@ def study_env(ray_tmp: Path, **extra: str) -> dict[str, str]:
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # node IP 127.0.0.1
         RAY_USAGE_STATS_ENABLED="0",
         WANDB_SILENT="true",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        PYTHONPATH=os.pathsep.join(filter(None, [*faults, str(REPO), os.environ.get("PYTHONPATH")])),
         **extra,
     )
     return env
@@ -287,8 +292,8 @@ def read_offline_run(run_dir: Path) -> OfflineRun:
 
 
 def test_wandb_offline_runs_with_flow_charts(smoke: Study) -> None:
-    from tune_cifar.study_callbacks import WANDB_TAGS
-    from tune_cifar.tables import HEALTH_ORDER
+    from tune_cifar.outcome import WANDB_TAGS, Outcome
+    from tune_cifar.report import HEALTH_ORDER
 
     trials = smoke.table("trials").set_index("trial_id")
     layers = smoke.table("layers")
@@ -304,7 +309,8 @@ def test_wandb_offline_runs_with_flow_charts(smoke: Study) -> None:
         row = trials.loc[trial_id]
         offline = read_offline_run(run)
         assert offline.summary["status"] == row.status and offline.summary["stop_reason"] == row.stop_reason
-        assert [tag for tag in offline.tags if tag in WANDB_TAGS.values()] == [WANDB_TAGS[row.status]], run
+        ended = Outcome.of_row(row.status, row.stop_reason)
+        assert [tag for tag in offline.tags if tag in WANDB_TAGS] == [ended.wandb_tag], run
         assert offline.exit_code == 0  # no trial errored: W&B's own state is "finished"
 
         # flow charts list the layers in forward order (layers.layer_index), not by name
@@ -638,7 +644,7 @@ def test_searcher_tells_optuna_the_right_states_and_survives_a_lagging_checkpoin
     search.on_trial_complete("f", result(3, 0.6))  # after the checkpoint
     orphan_config = search.suggest("e")  # after the checkpoint: Ray will not know "e"
 
-    study = optuna.load_study(study_name="unit", storage=storage_url(tmp_path))
+    study = optuna.load_study(study_name="unit", storage=StudyFolder(tmp_path).optuna_url)
     states = {t.user_attrs["ray_trial_id"]: t for t in study.get_trials()}
     assert states["a"].state == optuna.trial.TrialState.COMPLETE and states["a"].value == pytest.approx(0.51)
     assert states["a"].intermediate_values == {1: 0.1, 2: 0.2, 3: 0.5}
@@ -655,9 +661,9 @@ def test_searcher_tells_optuna_the_right_states_and_survives_a_lagging_checkpoin
     restored.on_trial_result("c", result(2, 0.25))  # the errored trial, retried by --resume
     restored.on_trial_complete("c", result(3, 0.35))
     restored.on_trial_complete("g", result(1, 0.01))
-    assert search_mod.finish_study(StudyContext(tmp_path, "unit", 8)) == 0
+    assert search_mod.finish_study("unit", StudyFolder(tmp_path)) == 0
 
-    trials = optuna.load_study(study_name="unit", storage=storage_url(tmp_path)).get_trials()
+    trials = optuna.load_study(study_name="unit", storage=StudyFolder(tmp_path).optuna_url).get_trials()
     by_ray = {t.user_attrs["ray_trial_id"]: t for t in trials}
     assert len(trials) == 5 and set(by_ray) == {"a", "b", "c", "f", "g"}  # every Ray trial exactly once
     assert by_ray["f"].state == optuna.trial.TrialState.COMPLETE and by_ray["f"].value == pytest.approx(0.61)
@@ -676,8 +682,8 @@ def test_errored_trials_fail_when_the_study_ends(tmp_path: Path) -> None:
     search = search_mod.StudySearch(spaces.load("smoke"), StudyContext(tmp_path, "errors", 8), seed=1)
     search.suggest("x")
     search.on_trial_complete("x", error=True)
-    assert search_mod.finish_study(StudyContext(tmp_path, "errors", 8)) == 1
-    (trial,) = optuna.load_study(study_name="errors", storage=storage_url(tmp_path)).get_trials()
+    assert search_mod.finish_study("errors", StudyFolder(tmp_path)) == 1
+    (trial,) = optuna.load_study(study_name="errors", storage=StudyFolder(tmp_path).optuna_url).get_trials()
     assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["stop_reason"] == "error"
 
 
@@ -696,12 +702,12 @@ def test_a_failed_trial_stays_failed_when_a_finished_study_resumes(tmp_path: Pat
     search.on_trial_complete("x", error=True)
     checkpoint = tmp_path / "searcher-state.pkl"
     search.save(str(checkpoint))
-    assert search_mod.finish_study(study) == 1
+    assert search_mod.finish_study(study.name, study.folder) == 1
     restored = pickle.loads(pickle.dumps(search))
     restored.restore(str(checkpoint))
     restored.on_trial_result("x", {"epoch": 2, "val_acc": 0.2})
     restored.on_trial_complete("x", {"epoch": 3, "val_acc": 0.3, "config/epochs": 3})
-    (trial,) = optuna.load_study(study_name="grown", storage=storage_url(tmp_path)).get_trials()
+    (trial,) = optuna.load_study(study_name="grown", storage=StudyFolder(tmp_path).optuna_url).get_trials()
     assert trial.state == optuna.trial.TrialState.FAIL and trial.intermediate_values == {1: 0.1}
 
 
@@ -845,7 +851,7 @@ def test_a_refused_trial_configuration_is_a_row_not_a_dead_study() -> None:
     from types import SimpleNamespace
 
     from tune_cifar.errors import UsageError
-    from tune_cifar.study_callbacks import hyperparameter_row
+    from tune_cifar.ray_trial import hyperparameter_row
 
     trial = SimpleNamespace(trial_id="bad", config={"epochs": 5, "warmup_epochs": 5, "filters": [8, 16, 32]})
     with pytest.raises(UsageError, match="warmup_epochs must be in"):
@@ -853,3 +859,43 @@ def test_a_refused_trial_configuration_is_a_row_not_a_dead_study() -> None:
     row = hyperparameter_row(trial)
     assert row["warmup_epochs"] == 5 and row["epochs"] == 5 and row["filters"] == "8,16,32"
     assert set(row) == set(cfg.KEYS)
+
+
+DIVERGING_SPACE = """
+description: SGD without batch norm at two learning rates; at lr 9 the training loss is NaN within two epochs
+max_epochs: 4
+data: {source: synthetic, subset: 300, val_size: 30}
+asha: null
+fixed: {model: conditioned_cnn, filters: "8,16,32", batchnorm: false, optimizer: sgd, batch_size: 32, augment: false}
+grid: {lr: [0.01, 9.0]}
+"""
+
+
+def test_a_diverging_trial_stops_there_with_its_own_outcome_in_every_view(tmp_path: Path, ray_tmp: Path) -> None:
+    """19.4: the trial whose training loss turns non-finite trains no further epoch and is DIVERGED in
+    the trials table, PRUNED in Optuna (with the reason), counted on the console and left out of the
+    factor table's mean, saying so; the other trial runs its four epochs."""
+    space = tmp_path / "diverge.yaml"
+    space.write_text(DIVERGING_SPACE)
+    command = search_cmd("--space", str(space), "--name", "d", "--storage-path", str(tmp_path), "--wandb", "disabled")
+    done = subprocess.run(command, cwd=REPO, env=study_env(ray_tmp), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trials = pd.read_parquet(tmp_path / "d" / "trials").set_index("lr")
+    lost, kept = trials.loc[9.0], trials.loc[0.01]
+    assert (lost["status"], lost["stop_reason"]) == ("DIVERGED", "diverged") and lost["epochs_run"] < 4
+    assert (kept["status"], kept["epochs_run"]) == ("TERMINATED", 4)
+    epochs = pd.read_parquet(tmp_path / "d" / "epochs")
+    curve = epochs[epochs["trial_id"] == lost["trial_id"]].sort_values("epoch")
+    assert len(curve) == lost["epochs_run"] and not math.isfinite(curve["train_loss"].iloc[-1])
+    assert curve["train_loss"].iloc[:-1].map(math.isfinite).all()  # it stopped at the first non-finite epoch
+    stored = optuna.load_study(study_name="d", storage=StudyFolder(tmp_path / "d").optuna_url).get_trials()
+    by_attr = {trial.user_attrs["stop_reason"]: trial.state for trial in stored}
+    assert by_attr == {"diverged": optuna.trial.TrialState.PRUNED, "completed": optuna.trial.TrialState.COMPLETE}
+    assert "study d: 2 trials (1 ran all epochs, 0 stopped by ASHA, 1 diverged, 0 errors)" in done.stdout
+
+    from tune_cifar.analysis import _study, best_config
+
+    table = best_config.factor_table(_study.load_study(tmp_path / "d"), "lr")
+    assert table.set_index("lr").loc[9.0, "trials"] == 0 and table.set_index("lr").loc[9.0, "diverged"] == 1
+    shown = best_config.shown_factor_table(table, "lr")
+    assert "0 (1 of 1 diverged, left out)" in set(shown["trials"])

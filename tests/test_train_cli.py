@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from tune_cifar import cli
+from tune_cifar import cli, spaces
 from tune_cifar import config as cfg
 from tune_cifar.models import build_model
+from tune_cifar.plan import StudyPlan
+from tune_cifar.study_folder import StudyFolder
 from tune_cifar.tables import SCHEMAS
 from tune_cifar.train import main
 
@@ -198,7 +202,11 @@ def test_from_study_retrains_the_best_trial_on_the_studys_data(tmp_path):
     worse = rows.assign(trial_id="worse", lr=0.05, best_val_acc=rows["best_val_acc"] - 0.01)
     (study / "trials").mkdir(parents=True)
     pd.concat([rows, worse]).to_parquet(study / "trials" / "part-all.parquet")
-    (study / "study.json").write_text('{"data": "synthetic", "subset": 300, "val_size": 30, "data_dir": null}')
+    folder = StudyFolder(study)
+    shutil.copyfile(REPO / "search_spaces" / "smoke.yaml", folder.space)
+    plan = StudyPlan(name="study", space_file=str(folder.space), num_samples=2, max_epochs=1, data="synthetic",
+                     subset=300, val_size=30, seed=0, wandb="disabled")  # fmt: skip
+    plan.with_space(spaces.load(folder.space)).save(folder)
     out = tmp_path / "retrain"
     result = train("--from-study", str(study), "--train-on-val", "--epochs", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr
@@ -218,3 +226,18 @@ def test_set_overrides_a_key_of_a_space_file_config(tmp_path):
     assert (row["filters"], row["dropout"], row["loss"]) == ("4,8,16", 0.1, "label_smoothing")
     bad = train("--set", "dropout=2", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "dropout must be in" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_a_diverging_run_stops_at_that_epoch_and_exits_4(tmp_path):
+    """19.4: SGD at lr 9 without batch norm: the loss is not finite within two epochs; the run trains no
+    further epoch, is not tested, records DIVERGED and ends with exit 4 and a last line saying so."""
+    out = tmp_path / "run"
+    done = train("--set", "batchnorm=false", "--set", "optimizer=sgd", "--set", "lr=9", "--set", "filters=8,16,32",
+                 "--epochs", "5", "--subset", "300", "--out", str(out))  # fmt: skip
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith("diverged: 1 of 1 runs")
+    row = pd.read_parquet(out / "trials").iloc[0]
+    assert (row["status"], row["stop_reason"]) == ("DIVERGED", "diverged") and row["epochs_run"] < 5
+    assert pd.isna(row["test_acc"])  # a diverged model is not tested
+    epochs = pd.read_parquet(out / "epochs")
+    assert len(epochs) == row["epochs_run"] and not np.isfinite(epochs["train_loss"].iloc[-1])

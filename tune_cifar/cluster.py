@@ -14,7 +14,7 @@ A study on a cluster fails in two quiet ways that these checks turn into one-lin
 
 Where the autoscaler's node types come from (Ray 2.60, from a connected driver):
 
-1. the GCS cluster config (``ray._private.state.state.get_cluster_config()``: internal KV key
+1. the GCS cluster config (``private_api.gcs_cluster_config()``: internal KV key
    ``__autoscaler_cluster_config`` in namespace ``__autoscaler``), when a platform reports it
    through GCS's ReportClusterConfig RPC; no Python code of the 2.60 wheel writes it, and it
    is empty on ``ray start`` / ``ray.init`` clusters;
@@ -44,13 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tune_cifar import private_api
 from tune_cifar.config import read_yaml
 from tune_cifar.errors import UsageError
 
 # Set to 1 when a local --storage-path is a filesystem shared by every node (NFS, EFS, ...).
 ALLOW_LOCAL_STORAGE_ENV = "TUNE_CIFAR_ALLOW_LOCAL_STORAGE"
 # Node providers whose nodes all run on the driver's machine (and so share its filesystem).
-SINGLE_HOST_PROVIDERS = frozenset({"fake_multinode"})
 _HEAD_RESOURCE = "node:__internal_head__"
 
 
@@ -149,9 +149,7 @@ def autoscaler_config() -> Autoscaler | None:
     import ray
 
     try:
-        from ray._private.state import state
-
-        reported = state.get_cluster_config()
+        reported = private_api.gcs_cluster_config()
     except Exception:  # older or restricted clusters: fall through to the monitor
         reported = None
     if reported is not None and len(reported.node_group_configs):
@@ -243,15 +241,15 @@ def _long_options(argv: list[str]) -> dict[str, str]:
 def is_multi_node(view: ClusterView | None = None) -> bool:
     """True when trials may run on more than one *machine* (so they share no local filesystem).
 
-    Counts distinct node IPs among the alive nodes, plus any machine the autoscaler may add.
-    A ``fake_multinode`` cluster (several raylets on this machine, used by the tests) is one
-    machine: its nodes see the same local folders.
+    Counts distinct node IPs among the alive nodes, plus any machine the autoscaler may add
+    (whatever its provider: where added nodes do share this machine's folders, as Ray's
+    ``fake_multinode`` test provider's do, ``TUNE_CIFAR_ALLOW_LOCAL_STORAGE=1`` says so).
     """
     view = view or snapshot()
     if len(view.hosts) > 1:
         return True
     scaler = view.autoscaler
-    return bool(scaler and scaler.can_add_nodes and scaler.provider not in SINGLE_HOST_PROVIDERS)
+    return bool(scaler and scaler.can_add_nodes)
 
 
 def is_remote_storage(storage_path: str) -> bool:

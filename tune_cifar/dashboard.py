@@ -20,7 +20,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from tune_cifar import cli
 from tune_cifar.errors import UsageError
-from tune_cifar.study_folder import OPTUNA_DB, storage_url
+from tune_cifar.study_folder import StudyFolder
 
 HOST = "127.0.0.1"  # loopback only: the dashboard writes to the database (rename, delete, notes)
 DEFAULT_PORT = 8080  # optuna-dashboard's own default
@@ -44,30 +44,33 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     return parser.parse_args(argv)
 
 
-def database(study: str | Path) -> Path:
-    """The study's Optuna database, or a one-line error saying what is wrong."""
-    path = Path(study) / OPTUNA_DB
-    if not path.is_file():
-        raise UsageError(f"{study}: no {OPTUNA_DB} (expected {path}); is this a tune-cifar study folder?")
-    return path
+def database(study: str | Path) -> StudyFolder:
+    """The study folder, once its Optuna database is there; else a one-line error saying what is wrong."""
+    folder = StudyFolder(Path(study))
+    if not folder.optuna_db.is_file():
+        raise UsageError(
+            f"{study}: no {StudyFolder.OPTUNA_DB} (expected {folder.optuna_db}); is this a tune-cifar study folder?"
+        )
+    return folder
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: must be between 1 and 65535")
-    path = database(args.study)
+    folder = database(args.study)
     try:
         import optuna_dashboard
     except ImportError:
         raise UsageError("optuna-dashboard is not installed: pip install -e '.[dashboard]'") from None
-    app = optuna_dashboard.wsgi(storage_url(path.parent))
+    app = optuna_dashboard.wsgi(folder.optuna_url)
     try:  # bind first, so that the address printed is one that answers
         server = make_server(HOST, args.port, app, server_class=_Server, handler_class=_QuietHandler)
     except OSError as exc:  # the port is taken (or not ours to bind): say so, not a traceback
         raise UsageError(f"--port {args.port}: cannot serve on {HOST}:{args.port} ({exc.strerror or exc})") from None
     with server:
-        print(f"optuna-dashboard for {path} at http://{HOST}:{args.port}/dashboard (Ctrl-C stops it)", flush=True)
+        url = f"http://{HOST}:{args.port}/dashboard"
+        print(f"optuna-dashboard for {folder.optuna_db} at {url} (Ctrl-C stops it)", flush=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:  # the way to stop a server: not an error

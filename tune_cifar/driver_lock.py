@@ -13,24 +13,23 @@ import fcntl
 import os
 import socket
 import time
-from pathlib import Path
 
 from tune_cifar.errors import UsageError
-
-LOCK_FILE = ".driver.lock"
+from tune_cifar.study_folder import StudyFolder
 
 
 class DriverLock:
     """Holds the study folder's lock until :meth:`release` or the end of the process."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: StudyFolder) -> None:
+        self.folder = folder.path
+        self.file = folder.lock
         self._fd: int | None = None
 
     def acquire(self) -> DriverLock:
         """Take the lock or raise a :class:`UsageError` naming the driver that has it; writes nothing else."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -27,9 +27,10 @@ from tune_cifar.data import DeviceLoader, Splits
 from tune_cifar.losses import build_loss
 from tune_cifar.models import build_model
 from tune_cifar.optim import LrSchedule, apply_l1, build_optimizer, decayed_parameters
+from tune_cifar.outcome import diverged
 from tune_cifar.precision import autocast
 from tune_cifar.precision import resolve as resolve_precision
-from tune_cifar.tables import EpochReport
+from tune_cifar.report import EpochReport
 from tune_cifar.telemetry import Telemetry, count_macs, worst_health
 
 EVAL_BATCH_SIZE = 1000
@@ -75,6 +76,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.layer_health: list[str] = []
         self.final_val: dict[str, float] | None = None
+        self.diverged = False  # the last epoch's training loss was NaN or infinite: train no further
 
     # -- one step ----------------------------------------------------------------------------
     def forward_loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -142,6 +144,7 @@ class Trainer:
         if self.swa_model is not None and self.epoch > config.epochs - config.swa_epochs:
             self.swa_model.update_parameters(self.model)
         train_loss = loss_sum.item() / images
+        self.diverged = diverged(train_loss)
         val_loss, val_acc = self.evaluate(self.val_loader) if self.val_loader is not None else (None, None)
         self.schedule.step_epoch(val_loss if val_loss is not None else train_loss)
         epoch_row = {
@@ -287,6 +290,7 @@ class Trainer:
             self.swa_model.load_state_dict(state["swa_model"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.history, self.layer_health = list(state["history"]), list(state["layer_health"])
+        self.diverged = bool(self.history) and diverged(self.history[-1]["train_loss"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -9,11 +9,11 @@ plain Ray ``Searcher`` that owns the Optuna side instead:
   (:class:`~tune_cifar.spaces.DefineByRun`: a child key only when its parent activates it);
 * every epoch's ``val_acc`` is an intermediate value (``trial.report(value, epoch)``),
   including the last one before a stop (Ray does not pass that one to ``on_trial_result``);
-* a trial that ends is told with :func:`tune_cifar.tables.finished_status`: ``COMPLETE`` with
-  its final accuracy when it ran every epoch, ``PRUNED`` when ASHA stopped it (Optuna keeps
-  the last intermediate value, and TPE ranks it below finished trials); one that errored for
-  good is ``FAIL`` at the end of the study (``--resume`` retries errored trials from their
-  checkpoints, and a told trial cannot change state).
+* a trial that ends is told its outcome's Optuna state (:func:`tune_cifar.outcome.decide`):
+  ``COMPLETE`` with its final accuracy when it ran every epoch, ``PRUNED`` when ASHA stopped it
+  (Optuna keeps the last intermediate value, and TPE ranks it below finished trials); one that
+  errored for good is ``FAIL`` at the end of the study (``--resume`` retries errored trials from
+  their checkpoints, and a told trial cannot change state).
 
 It also holds the concurrency limit (Ray's ConcurrencyLimiter drops the completion of a trial
 that ``--resume`` retried after an error). The study lives in ``STUDY/optuna.db``. On
@@ -33,9 +33,11 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher, SearchGenerator
 
+from tune_cifar import private_api
+from tune_cifar.outcome import Outcome, decide
+from tune_cifar.report import EpochReport
 from tune_cifar.spaces import DefineByRun, Space
-from tune_cifar.study_folder import OPTUNA_DB, StudyContext
-from tune_cifar.tables import STOP_REASONS, EpochReport, finished_status
+from tune_cifar.study_folder import StudyContext, StudyFolder
 
 logger = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -51,17 +53,17 @@ class StudySearch(Searcher):
         super().__init__(metric=METRIC, mode="max")
         self.study = study
         self.sample = DefineByRun(space, seed)
-        self.max_epochs = space.max_epochs
         self.max_concurrent = max_concurrent  # 0: as many as Ray can place
         self.sampler = optuna.samplers.TPESampler(seed=seed)  # pickled with the state: its RNG resumes
         self.optuna_ids: dict[str, int] = {}  # Ray trial id -> Optuna trial id (in optuna.db)
         self.completed: set[str] = set()  # Ray trials Ray has completed (told, or errored for now)
         self.epochs: dict[str, int] = {}  # Ray trial id -> last epoch reported to Optuna
+        self.targets: dict[str, int] = {}  # Ray trial id -> the epochs its config asks for
         self.orphans: list[int] = []  # Optuna trials asked but never tied to a surviving Ray trial
         self.finished_before: set[str] = set()  # Ray trials already told in the database
         self.errored: set[str] = set()  # Ray trials that failed (so far): told FAIL at the end
         self._optuna = optuna.create_study(
-            storage=study.optuna_url,
+            storage=study.folder.optuna_url,
             sampler=self.sampler,
             pruner=optuna.pruners.NopPruner(),
             study_name=study.name,
@@ -81,11 +83,14 @@ class StudySearch(Searcher):
             # An earlier driver may have asked a trial, then died before Ray's state recorded it:
             # the next Ray trial takes it over (its sampled values are reused) rather than leaving
             # it RUNNING forever in the database.
-            trial = optuna.Trial(self._optuna, self.orphans.pop(0)) if self.orphans else self._optuna.ask()
+            orphan = self.orphans.pop(0) if self.orphans else None
+            trial = self._optuna.ask() if orphan is None else private_api.optuna_trial(self._optuna, orphan)
             trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
-            self.optuna_ids[trial_id] = trial._trial_id
+            self.optuna_ids[trial_id] = private_api.optuna_trial_id(trial)
             self._trials[trial_id] = trial
-        return self.sample(self._trial(trial_id))
+        config = self.sample(self._trial(trial_id))
+        self.targets[trial_id] = int(config["epochs"])
+        return config
 
     # -- telling ----------------------------------------------------------------------------
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
@@ -101,29 +106,31 @@ class StudySearch(Searcher):
         report = EpochReport.from_result(result or {})
         self._report(trial_id, report)  # Ray withholds the result it stopped the trial on
         self.completed.add(trial_id)
-        if error:
-            self.errored.add(trial_id)
-            trial.set_user_attr("stop_reason", "error")
-            return
         epochs_run = self.epochs.get(trial_id, 0)
-        target = int((result or {}).get("config/epochs") or self.max_epochs)
-        state, reason, value = self._outcome(epochs_run, target, report)
+        ended = decide(epochs_run, self.targets[trial_id], error=error, last_train_loss=report.epoch.get("train_loss"))
+        if ended is Outcome.ERROR:
+            self.errored.add(trial_id)  # told FAIL when the study ends, unless a --resume retries it
+            trial.set_user_attr("stop_reason", ended.stop_reason)
+            return
+        state, value, reason = self._told(ended, epochs_run, report)
         trial.set_user_attr("stop_reason", reason)
         trial.set_user_attr("epochs_run", epochs_run)
         self._optuna.tell(trial, value, state=state, skip_if_finished=True)
 
     @staticmethod
-    def _outcome(epochs_run: int, target: int, report: EpochReport) -> tuple[TrialState, str, float | None]:
+    def _told(ended: Outcome, epochs_run: int, report: EpochReport) -> tuple[TrialState, float | None, str]:
+        """What Optuna is told for an outcome: its state, a value for COMPLETE, the stop_reason
+        attribute. A trial without an epoch or a finite value cannot be COMPLETE: FAIL, saying why."""
         if epochs_run == 0:
-            return TrialState.FAIL, "never reported", None
-        if finished_status(epochs_run, target) == "STOPPED":
-            return TrialState.PRUNED, STOP_REASONS["STOPPED"], None
+            return TrialState.FAIL, None, "never reported"
+        if ended is not Outcome.COMPLETED:
+            return TrialState[ended.optuna_state], None, ended.stop_reason
         # the final model's accuracy (the SWA average when swa_epochs > 0), else the last epoch's
         value = _finite(report.trial.get("final_val_acc"))
         value = value if value is not None else _finite(report.epoch.get(METRIC))
         if value is None:
-            return TrialState.FAIL, "no finite val_acc", None
-        return TrialState.COMPLETE, STOP_REASONS["TERMINATED"], value
+            return TrialState.FAIL, None, "no finite val_acc"
+        return TrialState.COMPLETE, value, ended.stop_reason
 
     def _report(self, trial_id: str, report: EpochReport) -> None:
         if trial_id in self.completed or trial_id in self.finished_before or trial_id not in self.optuna_ids:
@@ -138,7 +145,7 @@ class StudySearch(Searcher):
 
     def _trial(self, trial_id: str) -> optuna.Trial:
         if trial_id not in self._trials:
-            self._trials[trial_id] = optuna.Trial(self._optuna, self.optuna_ids[trial_id])
+            self._trials[trial_id] = private_api.optuna_trial(self._optuna, self.optuna_ids[trial_id])
         return self._trials[trial_id]
 
     # -- persistence -------------------------------------------------------------------------
@@ -161,7 +168,7 @@ class StudySearch(Searcher):
         """Load Ray's saved state, then reconcile it with the database (which may be ahead of it)."""
         with open(checkpoint_path, "rb") as file:
             self.__setstate__(pickle.load(file))
-        by_id = {t._trial_id: t for t in self._optuna.get_trials(deepcopy=False)}
+        by_id = {private_api.optuna_trial_id(t): t for t in self._optuna.get_trials(deepcopy=False)}
         known = set(self.optuna_ids.values())
         self.orphans = sorted(i for i, t in by_id.items() if t.state == TrialState.RUNNING and i not in known)
         # Errored trials are retried from their checkpoints and report again, unless the database
@@ -184,11 +191,11 @@ class StudySearch(Searcher):
 
     def _reopen(self) -> None:
         self._trials = {}
-        if not (self.study.folder / OPTUNA_DB).is_file():
+        if not self.study.folder.optuna_db.is_file():
             return  # unpickled outside a driver (the database is elsewhere): nothing to reopen
         self._optuna = optuna.load_study(
             study_name=self.study.name,
-            storage=self.study.optuna_url,
+            storage=self.study.folder.optuna_url,
             sampler=self.sampler,
             pruner=optuna.pruners.NopPruner(),
         )
@@ -204,17 +211,17 @@ class StudyTrials(SearchGenerator):
 
     def add_configurations(self, experiments: Any) -> None:
         super().add_configurations(experiments)
-        self._total_samples = self.searcher.study.num_samples
+        private_api.set_trial_count(self, self.searcher.study.num_samples)
 
     def set_state(self, state: dict[str, Any]) -> None:
         super().set_state(state)
-        self._total_samples = self.searcher.study.num_samples
+        private_api.set_trial_count(self, self.searcher.study.num_samples)
 
 
-def finish_study(study: StudyContext) -> int:
+def finish_study(name: str, folder: StudyFolder) -> int:
     """After a study ran to its end: tell FAIL for trials still RUNNING in the database (errored
     for good, or asked by a driver that died and never used). Returns how many."""
-    optuna_study = optuna.load_study(study_name=study.name, storage=study.optuna_url)
+    optuna_study = optuna.load_study(study_name=name, storage=folder.optuna_url)
     running = optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in running:
         optuna_study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)

@@ -1,4 +1,8 @@
-"""A study folder: the files a study keeps besides its tables, and which folder the driver writes to.
+"""A study folder: every path inside it (:class:`StudyFolder`), and which folder the driver writes to.
+
+A results folder of a single run (``tune_cifar.train --out``) is the same kind of folder with
+only the tables in it, so the tables, the analysis and the study driver all find their files
+through :class:`StudyFolder` rather than joining names of their own.
 
 Ray pickles the searcher and the callbacks into the experiment state, and ``--resume`` gets
 them back from there, holding whatever folder the first driver used. The study may have
@@ -14,9 +18,93 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SETTINGS_FILE = "study.json"  # the study's settings (search.Settings), what --resume starts from
-SPACE_COPY = "space.yaml"  # the space file the study was started with
-OPTUNA_DB = "optuna.db"  # the Optuna study (SQLite): optuna.load_study and optuna-dashboard open it
+
+@dataclass(frozen=True)
+class StudyFolder:
+    """The files of one study (or single-run) folder, by what they hold."""
+
+    path: Path
+
+    PLAN = "study.json"  # the study's plan (tune_cifar.plan.StudyPlan): what --resume and analysis load
+    SPACE = "space.yaml"  # the space file the study was started with, as it was
+    OPTUNA_DB = "optuna.db"  # the Optuna study (SQLite): optuna.load_study and optuna-dashboard open it
+    LOCK = ".driver.lock"  # one driver per study (tune_cifar.driver_lock)
+    RAY_TUNER = "tuner.pkl"  # Ray's pickled Tuner, written before any trial runs
+    RAY_STATE_PREFIX = "experiment_state-"  # Ray's experiment state, written once trials run
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def plan(self) -> Path:
+        return self.path / self.PLAN
+
+    @property
+    def space(self) -> Path:
+        return self.path / self.SPACE
+
+    @property
+    def optuna_db(self) -> Path:
+        return self.path / self.OPTUNA_DB
+
+    @property
+    def optuna_url(self) -> str:
+        """The Optuna storage URL of the study's database."""
+        return f"sqlite:///{self.optuna_db.resolve()}"
+
+    @property
+    def lock(self) -> Path:
+        return self.path / self.LOCK
+
+    @property
+    def wandb(self) -> Path:
+        """W&B's offline runs, and its caches and artifact staging (``cache/``, ``data/``, ``artifacts/``)."""
+        return self.path / "wandb"
+
+    @property
+    def analysis(self) -> Path:
+        """Where the analysis scripts write their reports and figures."""
+        return self.path / "analysis"
+
+    @property
+    def retrain(self) -> Path:
+        """The best configuration's final retrain (``best_config --retrain``)."""
+        return self.path / "retrain"
+
+    @property
+    def damaged(self) -> Path:
+        """Part files a resume found unreadable, set aside before their rows were rebuilt."""
+        return self.path / "damaged"
+
+    def table(self, name: str) -> Path:
+        """One table's Parquet dataset (a folder of part files)."""
+        return self.path / name
+
+    def part(self, table: str, trial_id: str) -> Path:
+        """One trial's part file of a table."""
+        return self.table(table) / f"part-{trial_id}.parquet"
+
+    def parts(self, table: str) -> list[Path]:
+        return sorted(self.table(table).glob("part-*.parquet"))
+
+    def has_table(self, name: str) -> bool:
+        return self.table(name).is_dir() and bool(self.parts(name))
+
+    def trial_dir(self, trial_id: str) -> Path:
+        """Ray's folder of one trial (checkpoints, ``result.json``) in a local study."""
+        return self.path / trial_dirname(trial_id)
+
+    def study_files(self) -> tuple[str, ...]:
+        """What the study itself keeps besides Ray's experiment: copied to and from remote storage."""
+        from tune_cifar.tables import TABLES
+
+        return (*TABLES, self.OPTUNA_DB, self.PLAN, self.SPACE)
+
+
+def trial_dirname(trial_id: str) -> str:
+    """Short trial folders (Ray's default name embeds every sampled value)."""
+    return f"trial_{trial_id}"
+
 
 _opened: StudyContext | None = None
 
@@ -26,15 +114,18 @@ class StudyContext:
     """The study this driver runs: its local folder (tables, Optuna database, W&B), its name, and
     how many trials it has (``--resume --num-samples N`` raises it)."""
 
-    folder: Path
+    folder: StudyFolder
     name: str
     num_samples: int
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folder", _as_folder(self.folder))
+
     @classmethod
-    def open(cls, folder: Path, name: str, num_samples: int) -> StudyContext:
+    def open(cls, folder: Path | StudyFolder, name: str, num_samples: int) -> StudyContext:
         """The driver's context; searchers and callbacks unpickled after this call get it."""
         global _opened
-        _opened = cls(Path(folder), name, num_samples)
+        _opened = cls(folder, name, num_samples)
         return _opened
 
     def close(self) -> None:
@@ -42,20 +133,15 @@ class StudyContext:
         if _opened is self:
             _opened = None
 
-    @property
-    def optuna_url(self) -> str:
-        return storage_url(self.folder)
-
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_restore, (str(self.folder), self.name, self.num_samples))
+        return (_restore, (str(self.folder.path), self.name, self.num_samples))
+
+
+def _as_folder(folder: Path | StudyFolder) -> StudyFolder:
+    return folder if isinstance(folder, StudyFolder) else StudyFolder(Path(folder))
 
 
 def _restore(folder: str, name: str, num_samples: int) -> StudyContext:
     if _opened is not None and _opened.name == name:
         return _opened
-    return StudyContext(Path(folder), name, num_samples)
-
-
-def storage_url(folder: Path) -> str:
-    """The Optuna storage URL of a study folder's database."""
-    return f"sqlite:///{(Path(folder) / OPTUNA_DB).resolve()}"
+    return StudyContext(StudyFolder(Path(folder)), name, num_samples)

@@ -28,12 +28,9 @@ import pyarrow.parquet as pq
 
 from tune_cifar import config as cfg
 from tune_cifar.errors import UsageError
-
-# A tensor's ``health`` is flagged when its epoch-averaged gradient L2 norm leaves this band:
-# below it a weight has all but stopped learning, above it (or non-finite) updates blow up.
-VANISHING_GRAD_L2 = 1e-7
-EXPLODING_GRAD_L2 = 1e3
-HEALTH_ORDER = ("ok", "vanishing", "exploding")  # worst last
+from tune_cifar.outcome import FINISHED_STATUSES, Outcome
+from tune_cifar.report import EPOCH_COLUMNS
+from tune_cifar.study_folder import StudyFolder
 
 _ARROW_TYPES = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
 
@@ -72,18 +69,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ]
     ),
     "epochs": pa.schema(
-        [
-            ("trial_id", pa.string()),
-            ("epoch", pa.int64()),  # 1-based
-            ("train_loss", pa.float64()),
-            ("train_acc", pa.float64()),
-            ("val_loss", pa.float64()),
-            ("val_acc", pa.float64()),
-            ("lr", pa.float64()),  # the rate of the epoch's first optimizer step
-            ("lr_last", pa.float64()),  # the rate of its last step (differs from lr under warm-up)
-            ("seconds", pa.float64()),  # training + validation wall time
-            ("images_per_s", pa.float64()),  # training images per second of training time
-        ]
+        [("trial_id", pa.string()), *((name, _ARROW_TYPES[kind]) for name, (kind, _) in EPOCH_COLUMNS.items())]
     ),
     "layers": pa.schema(
         [
@@ -147,56 +133,7 @@ def _with_pandas_dtypes(name: str, schema: pa.Schema) -> pa.Schema:
 
 SCHEMAS = {name: _with_pandas_dtypes(name, schema) for name, schema in SCHEMAS.items()}
 TABLES = tuple(SCHEMAS)
-# A trial that ran all its epochs (TERMINATED) or that ASHA stopped at a rung (STOPPED) has a
-# result; RUNNING and ERROR trials do not.
-FINISHED = ("TERMINATED", "STOPPED")
 PER_EPOCH_KEYS = {"epochs": ("epoch",), "layers": ("epoch", "layer"), "steps": ("step",)}
-EPOCH_COLUMNS = tuple(name for name in SCHEMAS["epochs"].names if name != "trial_id")
-
-
-# The stop_reason that goes with each status a trial can end in (ERROR's is "error: <message>").
-STOP_REASONS = {"TERMINATED": "completed", "STOPPED": "asha", "RUNNING": "interrupted"}
-
-
-def finished_status(epochs_run: int, target_epochs: int) -> str:
-    """How a trial that ended without an error finished: the one definition of "stopped early".
-
-    ``TERMINATED`` when it ran every epoch its config asks for, ``STOPPED`` when the scheduler
-    (ASHA) stopped it at a rung before that. Optuna hears COMPLETE and PRUNED for the same two.
-    """
-    return "TERMINATED" if epochs_run >= target_epochs else "STOPPED"
-
-
-@dataclass
-class EpochReport:
-    """What a trial reports after each epoch, in one ``tune.report``: its ``epochs`` row, that
-    epoch's ``layers`` and ``steps`` rows, and the trial's ``trials`` summary so far.
-
-    The trainer fills the rows, the trainable the summary. Ray carries it as a plain dict
-    (:meth:`to_result`: the epoch's columns at the top, where ASHA and Optuna read ``val_acc``)
-    and hands it back nested to callbacks, flattened (``trial/best_val_acc``) to searchers;
-    :meth:`from_result` reads either.
-    """
-
-    epoch: dict[str, Any]
-    layers: list[dict[str, Any]]
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    trial: dict[str, Any] = field(default_factory=dict)
-
-    def to_result(self) -> dict[str, Any]:
-        return {**self.epoch, "layers": self.layers, "steps": self.steps, "trial": self.trial}
-
-    @classmethod
-    def from_result(cls, result: dict[str, Any]) -> EpochReport:
-        summary = result.get("trial")
-        if not isinstance(summary, dict):
-            summary = {key.removeprefix("trial/"): value for key, value in result.items() if key.startswith("trial/")}
-        return cls(
-            epoch={key: result.get(key) for key in EPOCH_COLUMNS},
-            layers=list(result.get("layers") or []),
-            steps=list(result.get("steps") or []),
-            trial=dict(summary),
-        )
 
 
 def to_arrow(name: str, rows: list[dict[str, Any]]) -> pa.Table:
@@ -235,10 +172,6 @@ def _replace_durably(path: Path, write: Any) -> None:
         temp.unlink(missing_ok=True)
 
 
-def part_path(root: Path, name: str, trial_id: str) -> Path:
-    return Path(root) / name / f"part-{trial_id}.parquet"
-
-
 @dataclass
 class TrialRecord:
     """Everything one trial has reported, deduplicated by epoch, ready to rewrite its part files."""
@@ -262,23 +195,24 @@ class TrialRecord:
                 del rows[key]
 
     def write(self, root: Path) -> None:
-        write_atomic(
-            to_arrow("trials", [{**self.trial, "trial_id": self.trial_id}]), part_path(root, "trials", self.trial_id)
-        )
+        folder = StudyFolder(root)
+        summary = to_arrow("trials", [{**self.trial, "trial_id": self.trial_id}])
+        write_atomic(summary, folder.part("trials", self.trial_id))
         for name, rows in self.rows.items():
             if rows or name != "steps":
                 ordered = [rows[key] for key in sorted(rows)]
-                write_atomic(to_arrow(name, ordered), part_path(root, name, self.trial_id))
+                write_atomic(to_arrow(name, ordered), folder.part(name, self.trial_id))
 
     @classmethod
     def load(cls, root: Path, trial_id: str) -> TrialRecord:
         """Read back what an earlier driver wrote for this trial (for ``--resume``); empty if nothing."""
         record = cls(trial_id)
-        trials_part = part_path(root, "trials", trial_id)
+        folder = StudyFolder(root)
+        trials_part = folder.part("trials", trial_id)
         if trials_part.exists():
             record.trial = pq.read_table(trials_part).to_pylist()[0]
         for name in PER_EPOCH_KEYS:
-            part = part_path(root, name, trial_id)
+            part = folder.part(name, trial_id)
             if part.exists():
                 record.add(name, pq.read_table(part).to_pylist())
         return record
@@ -289,16 +223,27 @@ def finished_trials(trials: pd.DataFrame) -> pd.DataFrame:
 
     Ties go to the trial that needed fewer epochs, then to the smaller id, so the order is stable.
     """
-    done = trials[trials["status"].isin(FINISHED) & trials["best_val_acc"].notna()]
+    done = trials[trials["status"].isin(FINISHED_STATUSES) & trials["best_val_acc"].notna()]
     return done.sort_values(["best_val_acc", "epochs_run", "trial_id"], ascending=[False, True, True])
+
+
+def outcome_counts(trials: pd.DataFrame, driver_stopped: bool = True) -> dict[Outcome, int]:
+    """How many trials of a ``trials`` table ended each way. Once the driver has stopped
+    (``driver_stopped``), a trial still RUNNING in the table is INTERRUPTED."""
+    counts: dict[Outcome, int] = {}
+    for status, reason in zip(trials["status"], trials["stop_reason"], strict=True):
+        ended = Outcome.of_row(status, None if pd.isna(reason) else reason)
+        ended = Outcome.INTERRUPTED if driver_stopped and ended is Outcome.RUNNING else ended
+        counts[ended] = counts.get(ended, 0) + 1
+    return counts
 
 
 def read_table(folder: str | Path, name: str) -> pd.DataFrame:
     """Read one table of a results folder, with a one-line error when it is not there."""
-    path = Path(folder) / name
+    path = StudyFolder(folder).table(name)
     if name not in SCHEMAS:
         raise UsageError(f"unknown table {name!r} (tables: {', '.join(TABLES)})")
-    if not path.is_dir() or not any(path.glob("part-*.parquet")):
+    if not StudyFolder(folder).has_table(name):
         raise UsageError(
             f"{folder}: no {name} table (expected {path}/part-*.parquet); is this a tune-cifar results folder?"
         )
@@ -316,7 +261,7 @@ def damaged_parts(folder: str | Path, names: tuple[str, ...] = TABLES) -> list[P
     """Part files of these tables that Parquet cannot read (truncated, overwritten, not Parquet)."""
     damaged = []
     for name in names:
-        for part in sorted((Path(folder) / name).glob("part-*.parquet")):
+        for part in StudyFolder(folder).parts(name):
             try:
                 pq.read_table(part)
             except (pa.ArrowException, OSError):

@@ -20,7 +20,7 @@ import thop
 import torch
 from torch import Tensor, nn
 
-from tune_cifar.tables import EXPLODING_GRAD_L2, HEALTH_ORDER, VANISHING_GRAD_L2
+from tune_cifar.report import EXPLODING_GRAD_L2, HEALTH_ORDER, VANISHING_GRAD_L2
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> tuple[int, int]:

@@ -13,7 +13,6 @@ configuration, tested once per seed.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -30,9 +29,12 @@ from tune_cifar import config as cfg
 from tune_cifar.data import Splits, load_splits
 from tune_cifar.engine import Trainer
 from tune_cifar.errors import UsageError
+from tune_cifar.outcome import Outcome
+from tune_cifar.plan import StudyPlan
 from tune_cifar.spaces import load_config_file
-from tune_cifar.study_folder import SETTINGS_FILE
-from tune_cifar.tables import STOP_REASONS, TrialRecord, finished_trials, read_table
+from tune_cifar.tables import TrialRecord, finished_trials, read_table
+
+EXIT_DIVERGED = 4  # a run's training loss became NaN or infinite (it stopped there; its rows are kept)
 
 
 def parse_args(argv: Sequence[str] | None) -> Any:
@@ -173,10 +175,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for seed in seeds
     ]
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(config) | {"filters": list(config.filters)}))
-    if len(results) > 1:
-        print(seed_summary(results, "test acc (the test set once per seed)", "test_acc"))
-        if results[0]["best_val_acc"] is not None:
-            print(seed_summary(results, "best val acc", "best_val_acc"))
+    trained = [row for row in results if row["status"] != Outcome.DIVERGED.status]
+    lost = len(results) - len(trained)
+    if len(results) > 1 and trained:
+        left_out = f" ({lost} of {len(results)} seeds diverged, left out)" if lost else ""
+        print(seed_summary(trained, f"test acc (the test set once per seed){left_out}", "test_acc"))
+        if trained[0]["best_val_acc"] is not None:
+            print(seed_summary(trained, f"best val acc{left_out}", "best_val_acc"))
+    if lost:
+        print(f"diverged: {lost} of {len(results)} runs; their rows in {out}/trials have status DIVERGED")
+        return EXIT_DIVERGED
     return 0
 
 
@@ -211,14 +219,13 @@ def best_of_study(folder: Path) -> tuple[cfg.TrainConfig, dict[str, Any]]:
     if ranked.empty:
         raise UsageError(f"--from-study {folder}: no finished trial to take the configuration from")
     best = ranked.iloc[0]
-    settings_path = folder / SETTINGS_FILE
-    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    plan = StudyPlan.load_if_any(folder)  # None for a single run's folder: its data settings are the row's
     data = {
-        "data": settings.get("data") or str(best["data"]),
-        "data_dir": settings.get("data_dir"),
-        "val_size": settings.get("val_size"),
-        "subset": settings.get("subset"),
-        "seed": settings.get("seed", 0),  # the study's split: the retrain sees the same images
+        "data": plan.data if plan else str(best["data"]),
+        "data_dir": plan.data_dir if plan else None,
+        "val_size": plan.val_size if plan else None,
+        "subset": plan.subset if plan else None,
+        "seed": plan.seed if plan else 0,  # the study's split: the retrain sees the same images
     }
     print(f"best trial of {folder}: {best['trial_id']} ({best['best_val_acc']:.2%} validation accuracy)")
     return cfg.from_row(best.to_dict()), data
@@ -231,14 +238,14 @@ def train_one(
     trainer = Trainer(config, splits, device=device, compile=compile)
     trial_id = f"seed{config.seed}" if repeated else out.name
     record = TrialRecord(trial_id)
-    trial = {"study": None, **cfg.to_row(config), "status": "RUNNING", "stop_reason": None}
+    trial = {"study": None, **cfg.to_row(config), **Outcome.RUNNING.columns()}
     print(
         f"training {config.model} ({trainer.params:,} parameters, {trainer.macs:,} MACs) on {splits.source}: "
         f"{len(splits.train_y):,} train / {len(splits.val_y):,} val / {len(splits.test_y):,} test images, {device}, "
         f"{trainer.precision}, seed {config.seed}"
     )
     started = time.perf_counter()
-    while trainer.epoch < config.epochs:
+    while trainer.epoch < config.epochs and not trainer.diverged:
         report = trainer.train_epoch(on_step=StepProgress(trainer.epoch + 1, config.epochs, config.batch_size))
         print(progress_line(report.epoch, config.epochs), flush=True)
         record.add("epochs", [report.epoch])
@@ -246,9 +253,16 @@ def train_one(
         record.add("steps", report.steps)
         record.trial = {**trial, **trainer.summary(), "wall_s": time.perf_counter() - started}
         record.write(out)
+    if trainer.diverged:  # stopped at that epoch; a diverged model is not tested
+        record.trial = {**trial, **trainer.summary(), **Outcome.DIVERGED.columns()}
+        record.trial["wall_s"] = time.perf_counter() - started
+        record.write(out)
+        loss = trainer.history[-1]["train_loss"]
+        print(f"diverged: training loss {loss} in epoch {trainer.epoch}; stopped there, not tested -> {out}")
+        return record.trial
     summary = trainer.finish()
     test = trainer.evaluate_test()
-    record.trial = {**trial, **summary, **test, "status": "TERMINATED", "stop_reason": STOP_REASONS["TERMINATED"]}
+    record.trial = {**trial, **summary, **test, **Outcome.COMPLETED.columns()}
     record.trial["wall_s"] = time.perf_counter() - started
     record.write(out)
     weights = out / (f"model_{trial_id}.pt" if repeated else "model.pt")

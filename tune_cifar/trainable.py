@@ -24,7 +24,6 @@ from tune_cifar import config as cfg
 from tune_cifar.cluster import node_label
 from tune_cifar.data import Splits
 from tune_cifar.engine import Trainer
-from tune_cifar.fault_injection import crash_once_if_asked
 
 CHECKPOINT_FILE = "trainer.pt"
 
@@ -41,17 +40,7 @@ class CheckpointPolicy:
     """
 
     every: int = 1
-    rungs: tuple[int, ...] = ()
-
-    @classmethod
-    def for_asha(cls, every: int, grace_period: int | None, reduction_factor: int, max_epochs: int) -> CheckpointPolicy:
-        """The rungs of Ray's ASHA: grace, grace * factor, ... below ``max_epochs`` (none without ASHA)."""
-        rungs = []
-        milestone = grace_period
-        while milestone is not None and milestone < max_epochs:
-            rungs.append(milestone)
-            milestone *= reduction_factor
-        return cls(every, tuple(rungs))
+    rungs: tuple[int, ...] = ()  # the study plan's (tune_cifar.plan.StudyPlan.rungs)
 
     def due(self, epoch: int, epochs: int) -> bool:
         return epoch % self.every == 0 or epoch in self.rungs or epoch >= epochs
@@ -75,11 +64,13 @@ def train_trial(
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             trainer.load_state_dict(torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=False))
-    while trainer.epoch < train_config.epochs:
-        crash_once_if_asked(trainer.epoch + 1)
+    while trainer.epoch < train_config.epochs and not trainer.diverged:
         report = trainer.train_epoch()
         last = trainer.epoch >= train_config.epochs
         report.trial = {**(trainer.finish() if last else trainer.summary()), "node": node_label()}
+        if trainer.diverged:  # the last report: the trial ends here, and the driver calls it diverged
+            tune.report(report.to_result())
+            return
         if not checkpoints.due(trainer.epoch, train_config.epochs):
             tune.report(report.to_result())
             continue
@@ -91,8 +82,3 @@ def train_trial(
 def _remove_leftovers(prefix: str) -> None:
     for folder in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def trial_dirname(trial: Any) -> str:
-    """Short trial folders (Ray's default name embeds every sampled value)."""
-    return f"trial_{trial.trial_id}"

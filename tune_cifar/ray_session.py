@@ -1,0 +1,100 @@
+"""Ray for one study: the environment it starts in, joining or starting the cluster, and what the
+cluster can hold (GPUs per trial, one node or several, how many trials to place at once)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+from tune_cifar.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What the cluster gives each trial, decided once the driver has joined it."""
+
+    cpus: float  # per trial; also the trial's torch threads
+    gpus: float  # per trial; a fraction shares one GPU
+    one_node: bool  # the cluster is one node for good: trial workers are reused
+
+
+def prepare_environment(address: str | None) -> None:
+    """Environment variables Ray and Tune read at import or start-up; call before importing ray."""
+    if address is None:
+        # A study on this machine needs no network: bind Ray to the loopback address (read at import).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Ray 2.60 turns token authentication on for a new local cluster when RAY_AUTH_MODE is
+        # unset, and warns that it did so. Asking for that same mode explicitly keeps the protection
+        # (loopback is reachable by every local user) and drops a warning the user can do nothing about.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ray's TensorBoard logger cannot hold the per-layer lists; the JSON and CSV loggers are added explicitly.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+
+
+def check_reachable(address: str | None) -> None:
+    """Fail in seconds on a wrong host:port, before loading data (Ray itself retries for a minute)."""
+    if address is None or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--address {address}: cannot reach a Ray cluster there ({exc})") from None
+
+
+def connect(address: str | None) -> None:
+    """Start a local Ray (``address`` None) or join the cluster at ``address``."""
+    import ray
+
+    if address is None:
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        return
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--address {address}: cannot join the Ray cluster ({first})") from None
+
+
+def place(storage_path: str, cpus: float, gpus: float | None) -> Placement:
+    """Refuse a trial size no node or autoscaler node type can hold (it would pend forever) and a
+    local storage folder on a multi-machine cluster.
+
+    On a cluster that is one node for good trial workers are reused (saving a Python + torch
+    start per trial); on one that has or may add more nodes every trial gets a fresh worker, so
+    trials spread over new nodes.
+    """
+    from tune_cifar import cluster
+
+    view = cluster.snapshot()
+    gpus = gpus if gpus is not None else cluster.default_gpus_per_trial(view)
+    cluster.check_gpu_request(gpus, cpus, view)
+    cluster.check_storage(storage_path, cluster.is_multi_node(view))
+    return Placement(cpus, gpus, view.max_nodes == 1)
+
+
+def allow_pending_trials(max_concurrent: int | None, placement: Placement) -> None:
+    """Let Tune start placing as many trials at once as the cluster holds now (or the concurrency
+    limit). Ray allows one for a custom searcher not wrapped in its ConcurrencyLimiter, which
+    starts trials one by one and gives an autoscaler a demand of one."""
+    import ray
+
+    if max_concurrent:
+        pending = max_concurrent
+    else:
+        total = ray.cluster_resources()
+        slots = int(total.get("CPU", 0) // placement.cpus)
+        if placement.gpus:
+            slots = min(slots, int(total.get("GPU", 0) // placement.gpus))
+        pending = max(2, slots)
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(pending))
+
+
+def shutdown() -> None:
+    import ray
+
+    ray.shutdown()
