@@ -899,3 +899,36 @@ def test_a_diverging_trial_stops_there_with_its_own_outcome_in_every_view(tmp_pa
     assert table.set_index("lr").loc[9.0, "trials"] == 0 and table.set_index("lr").loc[9.0, "diverged"] == 1
     shown = best_config.shown_factor_table(table, "lr")
     assert "0 (1 of 1 diverged, left out)" in set(shown["trials"])
+
+
+@pytest.mark.parametrize("when", ["start-up", "mid-study"])
+def test_sigterm_to_the_process_group_stops_cleanly_and_resume_finishes_every_trial_once(
+    tmp_path: Path, ray_tmp: Path, when: str
+) -> None:
+    """19.2: SIGTERM (what SLURM, Kubernetes and ``ray job stop`` send) to the driver's whole process
+    group, as a scheduler sends it: exit 143, no native stack dump, the --resume line last; then
+    --resume runs every trial exactly once (Ray, Parquet, Optuna)."""
+    space = tmp_path / "term.yaml"
+    space.write_text(REPRODUCIBLE_SPACE.replace("num_samples: 12", "num_samples: 4"))
+    args = ("--space", str(space), "--name", "t", "--storage-path", str(tmp_path / "s"), "--max-concurrent", "1")
+    args += ("--wandb", "disabled")
+    driver = subprocess.Popen(search_cmd(*args), cwd=REPO, env=study_env(ray_tmp), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    folder = tmp_path / "s" / "t"
+    _wait_for(folder / ("study.json" if when == "start-up" else "epochs"), driver)
+    os.killpg(driver.pid, signal.SIGTERM)
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 143, out[-2000:] + err[-3000:]
+    assert "SIGTERM received" not in out + err and "PC: @" not in out + err
+    last = out.strip().splitlines()[-1]
+    assert "continue with: " in last and last.endswith(f"--resume --name t --storage-path {tmp_path / 's'}"), last
+
+    resumed = subprocess.run(search_cmd(*args, "--resume"), cwd=REPO, env=study_env(ray_tmp), capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    trials = pd.read_parquet(folder / "trials")
+    epochs = pd.read_parquet(folder / "epochs")
+    assert len(trials) == 4 and trials["trial_id"].is_unique and set(trials["status"]) <= {"TERMINATED", "STOPPED"}
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    stored = optuna.load_study(study_name="t", storage=StudyFolder(folder).optuna_url).get_trials()
+    assert len(stored) == 4 and all(trial.state.is_finished() for trial in stored)

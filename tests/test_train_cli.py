@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +243,23 @@ def test_a_diverging_run_stops_at_that_epoch_and_exits_4(tmp_path):
     assert pd.isna(row["test_acc"])  # a diverged model is not tested
     epochs = pd.read_parquet(out / "epochs")
     assert len(epochs) == row["epochs_run"] and not np.isfinite(epochs["train_loss"].iloc[-1])
+
+
+@pytest.mark.parametrize(("signum", "code", "line"), [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                                      (signal.SIGINT, 130, "interrupted")])  # fmt: skip
+def test_a_signal_mid_run_exits_in_one_line_and_leaves_whole_tables(tmp_path, signum, code, line):
+    """19.1/19.2: SIGTERM (a scheduler) or Ctrl-C in the middle of a run: its exit code, one line, and
+    every table readable with no temporary file left (rows are written whole, epoch by epoch)."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "tune_cifar.train", "--set", "filters=8,16,32", "--epochs", "200",
+               "--subset", "600", "--out", str(out)]  # fmt: skip
+    run = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((out / "epochs").glob("part-*.parquet")) and time.monotonic() < deadline:
+        assert run.poll() is None, run.communicate()
+        time.sleep(0.05)
+    run.send_signal(signum)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == code and err.strip().splitlines() == [line], err
+    epochs = pd.read_parquet(out / "epochs")
+    assert 1 <= len(epochs) < 200 and not list(out.rglob(".*.tmp"))

@@ -1,9 +1,11 @@
-"""Shared command-line behaviour: bad input is one line on stderr and exit code 2."""
+"""Shared command-line behaviour: bad input is one line on stderr and exit code 2; Ctrl-C exits
+130 and SIGTERM 143 (what SLURM, Kubernetes and ``ray job stop`` send before a kill), each with one line."""
 
 from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -19,8 +21,23 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), the shell's convention 128 + 2
+EXIT_TERMINATED = 143  # SIGTERM, 128 + 15
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as Python raises KeyboardInterrupt for SIGINT, so that
+    ``finally`` blocks run (locks released, temporary files removed) before the process ends."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
-    """Call ``main(argv)``; turn a :class:`UsageError` into ``error: ...`` and exit 2."""
+    """Call ``main(argv)``; turn a :class:`UsageError` into ``error: ...`` and exit 2, Ctrl-C into
+    exit 130 and SIGTERM into exit 143, each with one line on stderr."""
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         code = main(argv)
     except UsageError as exc:
@@ -28,7 +45,10 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        sys.exit(EXIT_TERMINATED)
     sys.exit(code or 0)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 from dataclasses import dataclass
 
@@ -47,12 +48,32 @@ def check_reachable(address: str | None) -> None:
 
 
 def connect(address: str | None) -> None:
-    """Start a local Ray (``address`` None) or join the cluster at ``address``."""
+    """Start a local Ray (``address`` None) or join the cluster at ``address``.
+
+    A local Ray's services (GCS, raylet, and the trial workers the raylet starts) begin with
+    SIGTERM blocked, as Ray itself blocks SIGINT for them: a SIGTERM to the driver's process group
+    (a scheduler stopping the job) then reaches only the driver, which stops the study gracefully
+    and shuts Ray down, instead of killing Ray under a running study. ``ray.init`` also puts a
+    native SIGTERM handler in the driver that aborts with a stack dump; the driver's own handler
+    is put back before SIGTERM is unblocked, so one arriving meanwhile reaches it.
+    """
     import ray
 
-    if address is None:
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-        return
+    handler = signal.getsignal(signal.SIGTERM)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        if address is None:
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        else:
+            _join(address)
+    finally:
+        signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _join(address: str) -> None:
+    import ray
+
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:

@@ -16,7 +16,6 @@ import dataclasses
 import os
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,8 +31,7 @@ from tune_cifar.plan import StudyPlan
 from tune_cifar.storage import DEFAULT_STORAGE, StudyStorage
 from tune_cifar.study_folder import StudyContext
 
-EXIT_INCOMPLETE = 3  # trials left unfinished (resume with --resume)
-EXIT_INTERRUPTED = 130  # stopped by Ctrl-C (the shell's convention for SIGINT); resume with --resume
+EXIT_INCOMPLETE = 3  # trials left unfinished (resume with --resume); Ctrl-C and SIGTERM: cli's 130 and 143
 
 
 def parse_args(argv: Sequence[str] | None) -> Any:
@@ -145,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         restore = False
     try:
         return _start(args, plan, storage, restore)
+    except (KeyboardInterrupt, cli.Terminated):  # stopped in start-up (or aborted by a second signal)
+        print(f"stopped; continue with: {_resume_command(plan, storage)}", flush=True)
+        raise
     except RefusedAtStart:
         if not args.resume:  # refused in start-up (data, cluster): a study that cannot run leaves nothing
             for written in (storage.local.space, storage.local.plan, storage.local.lock):
@@ -226,9 +227,9 @@ def _run(args: Any, plan: StudyPlan, storage: StudyStorage, splits: Any, placeme
                 f"-> {storage.local.path}",
                 flush=True,
             )
-        with _sigint_seen() as interrupted:
+        with _stop_signals() as stopped_by:
             results = tuner.fit()
-        fit = Fit(results, time.monotonic() - started, interrupted())
+        fit = Fit(results, time.monotonic() - started, stopped_by())
         return _close(args, plan, storage, fit)
     finally:
         study.close()
@@ -236,11 +237,11 @@ def _run(args: Any, plan: StudyPlan, storage: StudyStorage, splits: Any, placeme
 
 @dataclass(frozen=True)
 class Fit:
-    """What ``Tuner.fit`` left: Ray's results, its wall time, and whether Ctrl-C stopped it."""
+    """What ``Tuner.fit`` left: Ray's results, its wall time, and the signal that stopped it (None: none)."""
 
     results: Any
     wall_s: float
-    interrupted: bool
+    stopped_by: int | None
 
 
 def _close(args: Any, plan: StudyPlan, storage: StudyStorage, fit: Fit) -> int:
@@ -256,35 +257,43 @@ def _close(args: Any, plan: StudyPlan, storage: StudyStorage, fit: Fit) -> int:
     storage.sync("up")
     code = _report(plan, storage, fit)
     if unfinished:
-        where = () if storage.is_default else ("--storage-path", storage.storage)
-        resume = cli.python_command("-m", "tune_cifar.search", "--resume", "--name", plan.name, *where)
-        print(f"incomplete: {unfinished} of {plan.num_samples} trials did not finish; continue with: {resume}")
-        return EXIT_INTERRUPTED if fit.interrupted else EXIT_INCOMPLETE
+        print(f"incomplete: {unfinished} of {plan.num_samples} trials did not finish; continue with: "
+              f"{_resume_command(plan, storage)}")  # fmt: skip
+        by_signal = {signal.SIGINT: cli.EXIT_INTERRUPTED, signal.SIGTERM: cli.EXIT_TERMINATED}
+        return by_signal.get(fit.stopped_by, EXIT_INCOMPLETE)
     return code
 
 
 @contextlib.contextmanager
-def _sigint_seen() -> Iterator[Callable[[], bool]]:
-    """Whether Ctrl-C stopped ``Tuner.fit``, with Tune's graceful stop kept.
+def _stop_signals() -> Iterator[Callable[[], int | None]]:
+    """Which signal stopped ``Tuner.fit`` (SIGINT from Ctrl-C, SIGTERM from a scheduler), with
+    Tune's graceful stop kept; None while none did.
 
     Tune's own SIGINT handler is switched off (``TUNE_DISABLE_SIGINT_HANDLER``) so that this one
     sees the signal; it then sends SIGUSR1, on which Tune stops the same way (saving the
-    experiment one last time). A second Ctrl-C is Python's KeyboardInterrupt again.
+    experiment one last time). The handlers are (re)installed after ``ray.init``, which puts a
+    native handler on SIGTERM that would abort with a stack dump. A second signal aborts at once.
     """
-    seen = threading.Event()
+    seen: list[int] = []
 
-    def on_sigint(signum: int, frame: Any) -> None:
-        if seen.is_set():  # the second Ctrl-C (Tune put this handler back after the first): abort
-            raise KeyboardInterrupt
-        seen.set()
+    def on_stop(signum: int, frame: Any) -> None:
+        if seen:  # the second one (Tune put this handler back after the first): abort
+            raise KeyboardInterrupt if signum == signal.SIGINT else cli.Terminated
+        seen.append(signum)
         os.kill(os.getpid(), signal.SIGUSR1)
 
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = {signum: signal.signal(signum, on_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield seen.is_set
+        yield lambda: seen[0] if seen else None
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _resume_command(plan: StudyPlan, storage: StudyStorage) -> str:
+    where = () if storage.is_default else ("--storage-path", storage.storage)
+    return cli.python_command("-m", "tune_cifar.search", "--resume", "--name", plan.name, *where)
 
 
 def _unfinished(plan: StudyPlan, storage: StudyStorage) -> int:
