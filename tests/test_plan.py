@@ -149,3 +149,31 @@ def test_the_training_path_imports_neither_pandas_pyarrow_nor_ray() -> None:
     code = "import sys, tune_cifar.engine, tune_cifar.report; print(sorted(m for m in ('pandas', 'pyarrow', 'ray', 'optuna') if m in sys.modules))"  # noqa: E501
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_the_console_never_counts_an_interrupted_trial_as_stopped_by_asha(tmp_path: Path) -> None:
+    """19.5: Ray marks the trials it stops when the driver stops TERMINATED, without completing them.
+    Plain objects stand in for Ray's trials: the console reads only these attributes."""
+    from tune_cifar.console_callback import ConsoleCallback
+    from tune_cifar.study_folder import StudyContext
+
+    def trial(trial_id: str, status: str, epochs: int) -> argparse.Namespace:
+        last = {"epoch": epochs, "train_loss": 1.0} if epochs else {}
+        return argparse.Namespace(trial_id=trial_id, status=status, last_result=last, config={"epochs": 4})
+
+    console = ConsoleCallback(StudyContext(tmp_path, "c", 8), max_epochs=4)
+    asha, done, cut, placed = (
+        trial("asha", "RUNNING", 1),
+        trial("done", "RUNNING", 4),
+        trial("cut", "RUNNING", 2),
+        trial("placed", "PENDING", 0),
+    )
+    for live in (asha, done, cut):
+        console.on_trial_start(0, [], live)
+    asha.status = done.status = "TERMINATED"
+    console.on_trial_complete(0, [], asha)  # ASHA stopped it at its rung
+    console.on_trial_complete(0, [], done)
+    cut.status = placed.status = "TERMINATED"  # the driver stopped: Ray ended both, completing neither
+    earlier = trial("earlier", "TERMINATED", 4)  # finished under the driver before a --resume
+    line = console.line([asha, done, cut, placed, earlier, trial("waiting", "PENDING", 0)])
+    assert "0 running, 3 pending, 2 ran all epochs, 1 stopped by ASHA, 0 errors, 2 unfinished" in line, line

@@ -901,13 +901,19 @@ def test_a_diverging_trial_stops_there_with_its_own_outcome_in_every_view(tmp_pa
     assert "0 (1 of 1 diverged, left out)" in set(shown["trials"])
 
 
-@pytest.mark.parametrize("when", ["start-up", "mid-study"])
-def test_sigterm_to_the_process_group_stops_cleanly_and_resume_finishes_every_trial_once(
-    tmp_path: Path, ray_tmp: Path, when: str
+@pytest.mark.parametrize(
+    ("signum", "delay_s", "code"),
+    [(signal.SIGINT, 1.0, 130), (signal.SIGINT, 4.0, 130), (signal.SIGTERM, 1.0, 143), (signal.SIGTERM, None, 143)],
+    ids=["ctrl-c-1s", "ctrl-c-4s", "sigterm-1s", "sigterm-mid-study"],
+)
+def test_a_signal_to_the_process_group_at_any_moment_stops_cleanly_and_resume_finishes_every_trial_once(
+    tmp_path: Path, ray_tmp: Path, signum: int, delay_s: float | None, code: int
 ) -> None:
-    """19.2: SIGTERM (what SLURM, Kubernetes and ``ray job stop`` send) to the driver's whole process
-    group, as a scheduler sends it: exit 143, no native stack dump, the --resume line last; then
-    --resume runs every trial exactly once (Ray, Parquet, Optuna)."""
+    """19.1, 19.2: Ctrl-C (SIGINT) or SIGTERM (what SLURM, Kubernetes and ``ray job stop`` send) to the
+    driver's whole process group, as a terminal or a scheduler sends it: 1 s or 4 s after study.json
+    appeared (Ray starting, the data loading) or mid-study (delay None: once an epoch is written).
+    Its exit code, no native stack dump, the --resume line last; then --resume runs every trial
+    exactly once (Ray, Parquet, Optuna)."""
     space = tmp_path / "term.yaml"
     space.write_text(REPRODUCIBLE_SPACE.replace("num_samples: 12", "num_samples: 4"))
     args = ("--space", str(space), "--name", "t", "--storage-path", str(tmp_path / "s"), "--max-concurrent", "1")
@@ -915,10 +921,13 @@ def test_sigterm_to_the_process_group_stops_cleanly_and_resume_finishes_every_tr
     driver = subprocess.Popen(search_cmd(*args), cwd=REPO, env=study_env(ray_tmp), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     folder = tmp_path / "s" / "t"
-    _wait_for(folder / ("study.json" if when == "start-up" else "epochs"), driver)
-    os.killpg(driver.pid, signal.SIGTERM)
+    _wait_for(folder / ("study.json" if delay_s is not None else "epochs"), driver)
+    time.sleep(delay_s or 0.0)
+    sent = time.monotonic()
+    os.killpg(driver.pid, signum)
     out, err = driver.communicate(timeout=120)
-    assert driver.returncode == 143, out[-2000:] + err[-3000:]
+    assert driver.returncode == code, out[-2000:] + err[-3000:]
+    assert time.monotonic() - sent < 30, "stopped, but not within seconds"
     assert "SIGTERM received" not in out + err and "PC: @" not in out + err
     last = out.strip().splitlines()[-1]
     assert "continue with: " in last and last.endswith(f"--resume --name t --storage-path {tmp_path / 's'}"), last

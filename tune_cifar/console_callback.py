@@ -74,17 +74,19 @@ class ConsoleCallback(tune.Callback):
 
     def outcome_of(self, trial: Any) -> Outcome | None:
         """How a Ray trial stands, None while it waits to start. Ray marks the trials it stops when
-        the driver stops ``TERMINATED`` without completing them: a trial that ran here and ended
-        unseen was interrupted, never stopped by ASHA."""
+        the driver stops ``TERMINATED`` without completing them: a trial that ran here, or never
+        reported at all, and ended unseen was interrupted, never stopped by ASHA."""
         if trial.status in ("PENDING", "PAUSED"):
             return None
         if trial.status == "RUNNING":
             return Outcome.RUNNING
         if trial.trial_id in self.ended:
             return self.ended[trial.trial_id]
-        if trial.trial_id in self.live:
-            return Outcome.INTERRUPTED
-        return outcome(trial, error=trial.status == "ERROR")  # ended under an earlier driver
+        if trial.status == "ERROR":
+            return outcome(trial, error=True)  # failed for good under an earlier driver
+        if trial.trial_id in self.live or epochs_run(trial) == 0:
+            return Outcome.INTERRUPTED  # ran here, or never ran at all (placed, then the driver stopped)
+        return outcome(trial)  # ended under an earlier driver
 
     def line(self, trials: list) -> str:
         counts: dict[Outcome, int] = {}

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from dataclasses import dataclass
 
 from tune_cifar.errors import UsageError
@@ -50,25 +51,31 @@ def check_reachable(address: str | None) -> None:
 def connect(address: str | None) -> None:
     """Start a local Ray (``address`` None) or join the cluster at ``address``.
 
-    A local Ray's services (GCS, raylet, and the trial workers the raylet starts) begin with
-    SIGTERM blocked, as Ray itself blocks SIGINT for them: a SIGTERM to the driver's process group
-    (a scheduler stopping the job) then reaches only the driver, which stops the study gracefully
-    and shuts Ray down, instead of killing Ray under a running study. ``ray.init`` also puts a
-    native SIGTERM handler in the driver that aborts with a stack dump; the driver's own handler
-    is put back before SIGTERM is unblocked, so one arriving meanwhile reaches it.
+    Ctrl-C and SIGTERM are held back while ``ray.init`` runs and delivered once it returned: a
+    KeyboardInterrupt half-way through it leaves a half-started Ray that crashes the interpreter
+    at exit. A local Ray's services (GCS, raylet, and the trial workers the raylet starts) inherit
+    SIGTERM blocked, as Ray itself blocks SIGINT for them, so a SIGTERM to the driver's process
+    group (a scheduler stopping the job) reaches only the driver, which stops the study gracefully
+    and shuts Ray down, instead of killing Ray under a running study. Putting the driver's handlers
+    back also replaces the native SIGTERM handler ``ray.init`` installs, which aborts with a stack dump.
     """
     import ray
 
-    handler = signal.getsignal(signal.SIGTERM)
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    held: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # what the services inherit
     try:
         if address is None:
             ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
         else:
             _join(address)
     finally:
-        signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if held:
+            signal.raise_signal(held[0])
 
 
 def _join(address: str) -> None:
@@ -116,6 +123,7 @@ def allow_pending_trials(max_concurrent: int | None, placement: Placement) -> No
 
 
 def shutdown() -> None:
-    import ray
-
-    ray.shutdown()
+    """Stop what :func:`connect` started (nothing when Ray was never imported)."""
+    ray = sys.modules.get("ray")
+    if ray is not None:
+        ray.shutdown()

@@ -181,20 +181,17 @@ def _start(args: Any, plan: StudyPlan, storage: StudyStorage, restore: bool) -> 
     from tune_cifar.data import load_splits
 
     try:
-        ray_session.check_reachable(args.address)
-        splits = load_splits(plan.data, plan.data_dir, plan.val_size, plan.subset, plan.seed)
-        ray_session.connect(args.address)
-    except UsageError as exc:
-        raise RefusedAtStart(str(exc)) from None
-    try:
         try:
+            ray_session.check_reachable(args.address)
+            splits = load_splits(plan.data, plan.data_dir, plan.val_size, plan.subset, plan.seed)
+            ray_session.connect(args.address)
             placement = ray_session.place(args.storage_path, args.cpus_per_trial, args.gpus_per_trial)
         except UsageError as exc:
             raise RefusedAtStart(str(exc)) from None
         ray_session.allow_pending_trials(plan.max_concurrent, placement)
         return _run(args, plan, storage, splits, placement, restore)
     finally:
-        ray_session.shutdown()
+        ray_session.shutdown()  # also after a signal in start-up: a Ray left half-started crashes at exit
 
 
 def _run(args: Any, plan: StudyPlan, storage: StudyStorage, splits: Any, placement: Any, restore: bool) -> int:
