@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import shutil
 import tarfile
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +65,12 @@ def cifar_dir(tmp_path: Path) -> Path:
 def cifar_tarball(tmp_path: Path) -> tuple[Path, str]:
     """``(path, md5)`` of a tiny ``cifar-10-python.tar.gz``, alone in its folder."""
     return make_cifar_tarball(write_cifar_batches(tmp_path / "source"), tmp_path / "www")
+
+
+@pytest.fixture(scope="module")
+def ray_tmp() -> Iterator[Path]:
+    """A private Ray temp dir for the studies of one test module. Short: Ray's Unix socket paths
+    under the session folder must stay below ~107 bytes."""
+    folder = Path(tempfile.mkdtemp(prefix="tcr-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

@@ -43,6 +43,9 @@ class ConsoleCallback(tune.Callback):
         if value is not None and (self.best is None or value > self.best[0]):
             self.best = (float(value), trial.trial_id, int(result["epoch"]))
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(f"trial {trial.trial_id} failed, retrying from its last checkpoint: {error_line(trial)}", flush=True)
+
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.ended[trial.trial_id] = outcome(trial, error=True)
         print(f"trial {trial.trial_id} failed: {error_line(trial)}", flush=True)

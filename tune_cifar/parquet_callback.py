@@ -39,10 +39,16 @@ class ParquetCallback(tune.Callback):
         return self.records[trial.trial_id]
 
     def _update(self, trial: Any, **fields: Any) -> TrialRecord:
+        """The trial's row with ``fields``, written with its per-epoch rows. Once a write failed
+        (a full disk) nothing more is written: the study is stopping, and --resume rebuilds."""
         record = self.record(trial)
         base = {"study": self.study.name, **hyperparameter_row(trial)}
         record.trial = {**base, **record.trial, **fields}
-        record.write(self.study.folder.path)
+        if not self.study.write_failures:
+            try:
+                record.write(self.study.folder.path)
+            except OSError as exc:
+                self.study.stop_on_write_failure(exc)
         return record
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -33,8 +33,32 @@ def prepare_environment(address: str | None) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # A trial's error reaches Tune, which reports it; Ray would log it a second time, traceback and
+    # all, as an error no one retrieved.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     # Ray's TensorBoard logger cannot hold the per-layer lists; the JSON and CSV loggers are added explicitly.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+
+
+class _WithoutTraceback(logging.Filter):
+    """Tune logs every failed trial attempt (and a failed save of its state) with the whole
+    traceback; the study's console says it in one line (the trial id and the error's last line)
+    and the traceback stays in the trial's ``error.txt``, so the log record keeps its message and
+    drops the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+def quiet_trial_tracebacks() -> None:
+    """Install :class:`_WithoutTraceback` on the loggers of Tune's controller and experiment state
+    (once): a failed trial, or a failed save of the experiment's state, is then one line."""
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state"):
+        tune_logger = logging.getLogger(name)
+        if not any(isinstance(f, _WithoutTraceback) for f in tune_logger.filters):
+            tune_logger.addFilter(_WithoutTraceback())
 
 
 def check_reachable(address: str | None) -> None:

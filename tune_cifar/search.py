@@ -16,6 +16,7 @@ import dataclasses
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -224,9 +225,18 @@ def _run(args: Any, plan: StudyPlan, storage: StudyStorage, splits: Any, placeme
                 f"-> {storage.local.path}",
                 flush=True,
             )
+        ray_session.quiet_trial_tracebacks()
         with _stop_signals() as stopped_by:
-            results = tuner.fit()
-        fit = Fit(results, time.monotonic() - started, stopped_by())
+            try:
+                results = tuner.fit()
+            except OSError as exc:  # Ray's own writes (experiment state, result logs) failed
+                study.stop_on_write_failure(exc)
+                results = None
+            except Exception:
+                if not study.write_failures:
+                    raise
+                results = None  # Tune read back a file it could not write whole (its error pickles)
+        fit = Fit(results, time.monotonic() - started, stopped_by(), tuple(study.write_failures))
         return _close(args, plan, storage, fit)
     finally:
         study.close()
@@ -236,15 +246,21 @@ def _run(args: Any, plan: StudyPlan, storage: StudyStorage, splits: Any, placeme
 class Fit:
     """What ``Tuner.fit`` left: Ray's results, its wall time, and the signal that stopped it (None: none)."""
 
-    results: Any
+    results: Any  # None when Tune itself failed to write
     wall_s: float
     stopped_by: int | None
+    write_failures: tuple[str, ...] = ()  # files of the study that could not be written (a full disk)
 
 
 def _close(args: Any, plan: StudyPlan, storage: StudyStorage, fit: Fit) -> int:
     """After the fit: a finished study is closed in Optuna and rid of spare checkpoints; then the
     summary, and for an unfinished one the command that continues it. Returns the exit code."""
     unfinished = _unfinished(plan, storage)
+    if fit.write_failures:  # nothing more is written; the tables hold what was written whole
+        print(f"error: {fit.write_failures[0]}; the study stopped. Free space (or fix the folder), then continue "
+              f"with: {_resume_command(plan, storage)}", file=sys.stderr)  # fmt: skip
+        print(f"stopped: the study could not be written; continue with: {_resume_command(plan, storage)}")
+        return EXIT_INCOMPLETE
     if not unfinished:
         from tune_cifar import searcher
 

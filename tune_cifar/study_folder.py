@@ -14,7 +14,10 @@ resuming driver names; elsewhere (a first start, a test) it is the folder it was
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import errno
+import os
+import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +120,7 @@ class StudyContext:
     folder: StudyFolder
     name: str
     num_samples: int
+    write_failures: list[str] = field(default_factory=list, compare=False, repr=False)  # see stop_on_write_failure
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "folder", _as_folder(self.folder))
@@ -127,6 +131,17 @@ class StudyContext:
         global _opened
         _opened = cls(folder, name, num_samples)
         return _opened
+
+    def stop_on_write_failure(self, error: OSError) -> None:
+        """A file of the study could not be written (a full disk, a quota, a lost mount): remember it
+        and ask Tune to stop the study gracefully, as Ctrl-C does (SIGUSR1), once. What was written
+        stays whole (every write is atomic); the driver reports the failure in one line and
+        ``--resume`` continues once the cause is gone."""
+        reason = os.strerror(error.errno) if error.errno else str(error).splitlines()[0]
+        code = f" ({errno.errorcode.get(error.errno, error.errno)})" if error.errno else ""
+        if not self.write_failures:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        self.write_failures.append(f"cannot write the study in {self.folder.path}: {reason}{code}")
 
     def close(self) -> None:
         global _opened

@@ -160,6 +160,12 @@ def write_atomic_text(path: Path, text: str) -> None:
     _replace_durably(path, lambda temp: temp.write_text(text))
 
 
+def write_atomic_bytes(path: Path, data: bytes) -> None:
+    """``path.write_bytes(data)``, atomic and durable like :func:`write_atomic` (a full disk raises
+    OSError and leaves the old file, or none)."""
+    _replace_durably(path, lambda temp: temp.write_bytes(data))
+
+
 def _replace_durably(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")

@@ -13,6 +13,8 @@ configuration, tested once per seed.
 
 from __future__ import annotations
 
+import io
+import os
 import statistics
 import sys
 import time
@@ -32,8 +34,9 @@ from tune_cifar.errors import UsageError
 from tune_cifar.outcome import Outcome
 from tune_cifar.plan import StudyPlan
 from tune_cifar.spaces import load_config_file
-from tune_cifar.tables import TrialRecord, finished_trials, read_table
+from tune_cifar.tables import TrialRecord, finished_trials, read_table, write_atomic_bytes
 
+EXIT_WRITE_FAILED = 3  # its results could not be written (a full disk); what was written is whole
 EXIT_DIVERGED = 4  # a run's training loss became NaN or infinite (it stopped there; its rows are kept)
 
 
@@ -170,11 +173,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.train_on_val:
         splits = merge_validation(splits)
     seeds = [config.seed + i for i in range(args.seeds)]
-    results = [
-        train_one(config.replace(seed=seed), splits, device, args.compile, out, repeated=len(seeds) > 1)
-        for seed in seeds
-    ]
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(config) | {"filters": list(config.filters)}))
+    try:
+        results = [
+            train_one(config.replace(seed=seed), splits, device, args.compile, out, repeated=len(seeds) > 1)
+            for seed in seeds
+        ]
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(config) | {"filters": list(config.filters)}))
+    except OSError as exc:  # a full disk, a quota: every file written so far is whole (atomic writes)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc).splitlines()[0]
+        print(f"error: cannot write the run's results in {out}: {reason}; what was written is whole", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     trained = [row for row in results if row["status"] != Outcome.DIVERGED.status]
     lost = len(results) - len(trained)
     if len(results) > 1 and trained:
@@ -266,8 +274,9 @@ def train_one(
     record.trial["wall_s"] = time.perf_counter() - started
     record.write(out)
     weights = out / (f"model_{trial_id}.pt" if repeated else "model.pt")
-    torch.save(trainer.final_model().state_dict(), weights.with_suffix(".tmp"))
-    weights.with_suffix(".tmp").replace(weights)
+    serialised = io.BytesIO()  # in memory first: torch.save on a full disk fails as a RuntimeError mid-file
+    torch.save(trainer.final_model().state_dict(), serialised)
+    write_atomic_bytes(weights, serialised.getvalue())
     best = (
         f"{summary['best_val_acc']:.2%} (epoch {summary['best_epoch']})" if summary["best_val_acc"] is not None else "-"
     )
