@@ -821,21 +821,6 @@ def test_resume_with_more_samples_adds_trials_and_never_shrinks(tmp_path: Path, 
     assert _files(folder) == before
 
 
-def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path: Path, ray_tmp: Path) -> None:
-    space = tmp_path / "long.yaml"
-    space.write_text(REPRODUCIBLE_SPACE)
-    args = ("--space", str(space), "--name", "c", "--storage-path", str(tmp_path / "s"), "--max-concurrent", "1")
-    driver = subprocess.Popen(search_cmd(*args, "--wandb", "disabled"), cwd=REPO, env=study_env(ray_tmp),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    _wait_for(tmp_path / "s" / "c" / "epochs", driver)
-    driver.send_signal(signal.SIGINT)
-    out, err = driver.communicate(timeout=300)
-    assert driver.returncode == 130, out[-2000:] + err[-2000:]
-    resume = next(line for line in out.splitlines() if "did not finish; continue with: " in line)
-    assert resume.split("continue with: ")[1].endswith("python -m tune_cifar.search --resume --name c --storage-path "
-                                                        f"{tmp_path / 's'}")  # fmt: skip
-
-
 def test_a_refused_trial_configuration_is_a_row_not_a_dead_study() -> None:
     """The driver-side row of a trial whose sampled values the vocabulary refuses (warm-up as long as
     the run) is recorded as sampled: the trial fails alone (ERROR), the callbacks do not raise.
@@ -895,8 +880,8 @@ def test_a_diverging_trial_stops_there_with_its_own_outcome_in_every_view(tmp_pa
 
 @pytest.mark.parametrize(
     ("signum", "delay_s", "code"),
-    [(signal.SIGINT, 4.0, 130), (signal.SIGTERM, 1.0, 143), (signal.SIGTERM, None, 143)],
-    ids=["ctrl-c-4s", "sigterm-1s", "sigterm-mid-study"],
+    [(signal.SIGINT, 4.0, 130), (signal.SIGINT, None, 130), (signal.SIGTERM, 1.0, 143), (signal.SIGTERM, None, 143)],
+    ids=["ctrl-c-4s", "ctrl-c-mid-study", "sigterm-1s", "sigterm-mid-study"],
 )
 def test_a_signal_to_the_process_group_at_any_moment_stops_cleanly_and_resume_finishes_every_trial_once(
     tmp_path: Path, ray_tmp: Path, signum: int, delay_s: float | None, code: int
