@@ -73,4 +73,9 @@ def test_a_study_on_a_full_disk_stops_cleanly_and_resumes_once_there_is_space(sm
     assert len(trials) == 6 and trials["trial_id"].is_unique and set(trials["status"]) <= {"TERMINATED", "STOPPED"}
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
     stored = optuna.load_study(study_name="f", storage=StudyFolder(folder).optuna_url).get_trials()
-    assert len(stored) == 6 and all(trial.state.is_finished() for trial in stored)
+    assert all(trial.state.is_finished() for trial in stored)  # none left RUNNING
+    # Each trial of the study is one Optuna trial. Optuna may also hold trials of work the full disk
+    # kept Ray from recording (asked, then lost with the experiment state it could not save):
+    # those are closed, never counted as this study's trials.
+    ray_ids = [trial.user_attrs.get("ray_trial_id") for trial in stored]
+    assert all(ray_ids.count(trial_id) == 1 for trial_id in trials["trial_id"]), ray_ids
