@@ -66,7 +66,7 @@ class ParquetCallback(tune.Callback):
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = int((trial.last_result or {}).get("epoch") or 0)
         self.record(trial).drop_after(last)
-        self._update(trial, status="RUNNING", stop_reason=f"retrying: {error_line(trial)}")
+        self._update(trial, status=Outcome.RUNNING.status, stop_reason=f"retrying: {error_line(trial)}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._update(trial, **outcome(trial).columns())

@@ -23,7 +23,7 @@ from typing import Any
 from tune_cifar import config as cfg
 from tune_cifar import spaces
 from tune_cifar.errors import UsageError
-from tune_cifar.study_folder import StudyFolder
+from tune_cifar.study_folder import StudyFolder, as_folder
 
 # Flags that define what a study is; --resume takes them from study.json, not the command line.
 STUDY_FLAGS = (
@@ -76,11 +76,11 @@ class StudyPlan:
             raise UsageError(f"--max-epochs {max_epochs} is below the ASHA grace period {grace}")
         seed = args.seed if args.seed is not None else 0
         seeds = args.seeds or space.seeds
-        repeated = spaces.hold(space, held).repeated(seeds, seed)
-        num_samples = args.num_samples or repeated.num_samples
-        if repeated.grid and num_samples != repeated.num_samples:
-            raise UsageError(f"{space.path}: a grid runs each of its {repeated.num_samples} combinations once")
-        plan = cls(
+        effective = effective_space(space, max_epochs, args.precision, held, seeds, seed)
+        num_samples = args.num_samples or effective.num_samples
+        if effective.grid and num_samples != effective.num_samples:
+            raise UsageError(f"{space.path}: a grid runs each of its {effective.num_samples} combinations once")
+        return cls(
             name=name,
             space_file=str(space.path),
             num_samples=num_samples,
@@ -96,14 +96,15 @@ class StudyPlan:
             held=held,
             grace_period=grace,
             max_concurrent=args.max_concurrent or space.max_concurrent,
+            space=effective,
         )
-        return plan.with_space(space)
 
     def with_space(self, space: spaces.Space) -> StudyPlan:
         """This plan with its effective space, built from the space file's ``space`` (read from the
         study's copy, it keeps the name of the file the study was started from)."""
         named = dataclasses.replace(space, name=Path(self.space_file).stem)
-        return dataclasses.replace(self, space=effective_space(self, named))
+        effective = effective_space(named, self.max_epochs, self.precision, self.held, self.seeds, self.seed)
+        return dataclasses.replace(self, space=effective)
 
     def resumed(self, args: Any) -> StudyPlan:
         """The plan a ``--resume`` runs: the stored one, checked against the study flags given again
@@ -117,7 +118,7 @@ class StudyPlan:
             given = getattr(args, flag)
             if given is None or (flag == "num_samples" and grown):
                 continue
-            stored, given = self._stored_and_given(flag, given)
+            stored, given = self._stored_and_given(flag, given, written)
             if stored != given:
                 raise UsageError(
                     f"--{flag.replace('_', '-')} {given}: the study was started with {stored} "
@@ -131,11 +132,11 @@ class StudyPlan:
             max_concurrent=args.max_concurrent or self.max_concurrent,
         ).with_space(written)
 
-    def _stored_and_given(self, flag: str, given: Any) -> tuple[Any, Any]:
+    def _stored_and_given(self, flag: str, given: Any, written: spaces.Space) -> tuple[Any, Any]:
         if flag == "space":
             return str(Path(self.space_file).resolve()), str(spaces.resolve(given).resolve())
         if flag == "set":
-            return self.held, held_keys(given, spaces.load(self.space.path))
+            return self.held, held_keys(given, written)
         return getattr(self, flag), given
 
     # -- what the study derives ----------------------------------------------------------------
@@ -170,7 +171,7 @@ class StudyPlan:
     @classmethod
     def load(cls, folder: StudyFolder | Path) -> StudyPlan:
         """The plan of a study folder; a one-line :class:`UsageError` when it has none."""
-        folder = folder if isinstance(folder, StudyFolder) else StudyFolder(folder)
+        folder = as_folder(folder)
         if not folder.plan.is_file():
             raise UsageError(f"{folder.path}: not a tune-cifar study (no {StudyFolder.PLAN})")
         try:
@@ -193,7 +194,7 @@ class StudyPlan:
     @classmethod
     def load_if_any(cls, folder: StudyFolder | Path) -> StudyPlan | None:
         """The plan of a study folder; None for a single run's folder (which has none)."""
-        folder = folder if isinstance(folder, StudyFolder) else StudyFolder(folder)
+        folder = as_folder(folder)
         return cls.load(folder) if folder.plan.is_file() else None
 
 
@@ -204,11 +205,13 @@ def held_keys(assignments: list[str], space: spaces.Space) -> dict[str, Any]:
     return {key: fixed[key] for key in held}
 
 
-def effective_space(plan: StudyPlan, space: spaces.Space) -> spaces.Space:
+def effective_space(
+    space: spaces.Space, max_epochs: int, precision: str | None, held: dict[str, Any], seeds: int, seed: int
+) -> spaces.Space:
     """The space as the study runs it: ``--max-epochs``, ``--precision`` and ``--set`` override the
-    file's, and every grid point is repeated over ``--seeds``."""
-    fixed = space.fixed if plan.precision is None else {**space.fixed, "precision": plan.precision}
-    held = spaces.hold(space, plan.held)
-    return dataclasses.replace(held, max_epochs=plan.max_epochs, fixed={**fixed, **held.fixed}).repeated(
-        plan.seeds, plan.seed
+    file's, and every grid point is repeated over ``--seeds`` from ``seed`` on."""
+    fixed = space.fixed if precision is None else {**space.fixed, "precision": precision}
+    held_space = spaces.hold(space, held)
+    return dataclasses.replace(held_space, max_epochs=max_epochs, fixed={**fixed, **held_space.fixed}).repeated(
+        seeds, seed
     )

@@ -254,21 +254,33 @@ class Fit:
 
 def _close(args: Any, plan: StudyPlan, storage: StudyStorage, fit: Fit) -> int:
     """After the fit: a finished study is closed in Optuna and rid of spare checkpoints; then the
-    summary, and for an unfinished one the command that continues it. Returns the exit code."""
-    unfinished = _unfinished(plan, storage)
+    summary, and for an unfinished one the command that continues it. Returns the exit code.
+
+    Which trials are unfinished is read from the ``trials`` table, not Ray's result grid: Ray
+    marks the trials it stops when the driver stops TERMINATED, so a Ctrl-C after the last trial
+    started would look like a finished study (and close it in Optuna and delete its checkpoints).
+    """
     if fit.write_failures:  # nothing more is written; the tables hold what was written whole
         print(f"error: {fit.write_failures[0]}; the study stopped. Free space (or fix the folder), then continue "
               f"with: {_resume_command(plan, storage)}", file=sys.stderr)  # fmt: skip
         print(f"stopped: the study could not be written; continue with: {_resume_command(plan, storage)}")
         return EXIT_INCOMPLETE
+    from tune_cifar.tables import outcome_counts, read_table
+
+    try:
+        trials = read_table(storage.local.path, "trials")
+    except UsageError:  # no trial reported anything
+        trials = None
+    counts = outcome_counts(trials) if trials is not None else {}
+    unfinished = max(0, plan.num_samples - sum(n for outcome, n in counts.items() if outcome.final))
     if not unfinished:
         from tune_cifar import searcher
 
         searcher.finish_study(plan.name, storage.local)
         if not args.keep_checkpoints:
-            _remove_finished_checkpoints(storage)
+            _remove_finished_checkpoints(storage, trials)
     storage.sync("up")
-    code = _report(plan, storage, fit)
+    code = _report(plan, storage, fit, trials, counts)
     if unfinished:
         print(f"incomplete: {unfinished} of {plan.num_samples} trials did not finish; continue with: "
               f"{_resume_command(plan, storage)}")  # fmt: skip
@@ -309,50 +321,30 @@ def _resume_command(plan: StudyPlan, storage: StudyStorage) -> str:
     return cli.python_command("-m", "tune_cifar.search", "--resume", "--name", plan.name, *where)
 
 
-def _unfinished(plan: StudyPlan, storage: StudyStorage) -> int:
-    """Trials of the plan without a final outcome in the ``trials`` table, never started ones included.
-
-    The table, not Ray's result grid: Ray marks the trials it stops when the driver stops
-    TERMINATED, so a Ctrl-C after the last trial started would look like a finished study (and
-    close it in Optuna and delete its checkpoints).
-    """
-    from tune_cifar.tables import outcome_counts, read_table
-
-    try:
-        counts = outcome_counts(read_table(storage.local.path, "trials"))
-    except UsageError:  # no trial reported anything
-        return plan.num_samples
-    return max(0, plan.num_samples - sum(n for outcome, n in counts.items() if outcome.final))
-
-
-def _remove_finished_checkpoints(storage: StudyStorage) -> None:
+def _remove_finished_checkpoints(storage: StudyStorage, trials: Any) -> None:
     """Keep only the best trial's checkpoint (its weights) once the study finished."""
-    from tune_cifar.tables import finished_trials, read_table
+    from tune_cifar.tables import finished_trials
 
-    try:
-        best = str(finished_trials(read_table(storage.local.path, "trials"))["trial_id"].iloc[0])
-    except (UsageError, IndexError):
-        return
-    storage.remove_checkpoints_except(best)
+    done = finished_trials(trials) if trials is not None else None
+    if done is not None and not done.empty:
+        storage.remove_checkpoints_except(str(done["trial_id"].iloc[0]))
 
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _report(plan: StudyPlan, storage: StudyStorage, fit: Fit) -> int:
-    """The final summary: counts, the best configuration, and where everything is."""
+def _report(plan: StudyPlan, storage: StudyStorage, fit: Fit, trials: Any, counts: dict[Any, int]) -> int:
+    """The final summary of the ``trials`` table (None: no trial reported): counts, the best
+    configuration, and where everything is."""
     import pandas as pd
 
-    from tune_cifar.tables import finished_trials, outcome_counts, read_table
+    from tune_cifar.tables import finished_trials
 
     where = storage.local.path
-    try:
-        trials = read_table(where, "trials")
-    except UsageError:
+    if trials is None:
         print(f"study {plan.name}: no trial reported a result -> {where}")
         return 1
-    counts = outcome_counts(trials)
     epochs = int(trials["epochs_run"].fillna(0).sum())
     print(
         f"\nstudy {plan.name}: {len(trials)} trials ({count_words(counts)}); "

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tune_cifar.errors import os_reason
+
 
 @dataclass(frozen=True)
 class StudyFolder:
@@ -123,7 +125,7 @@ class StudyContext:
     write_failures: list[str] = field(default_factory=list, compare=False, repr=False)  # see stop_on_write_failure
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "folder", _as_folder(self.folder))
+        object.__setattr__(self, "folder", as_folder(self.folder))
 
     @classmethod
     def open(cls, folder: Path | StudyFolder, name: str, num_samples: int) -> StudyContext:
@@ -137,11 +139,10 @@ class StudyContext:
         and ask Tune to stop the study gracefully, as Ctrl-C does (SIGUSR1), once. What was written
         stays whole (every write is atomic); the driver reports the failure in one line and
         ``--resume`` continues once the cause is gone."""
-        reason = os.strerror(error.errno) if error.errno else str(error).splitlines()[0]
         code = f" ({errno.errorcode.get(error.errno, error.errno)})" if error.errno else ""
         if not self.write_failures:
             os.kill(os.getpid(), signal.SIGUSR1)
-        self.write_failures.append(f"cannot write the study in {self.folder.path}: {reason}{code}")
+        self.write_failures.append(f"cannot write the study in {self.folder.path}: {os_reason(error)}{code}")
 
     def close(self) -> None:
         global _opened
@@ -152,7 +153,8 @@ class StudyContext:
         return (_restore, (str(self.folder.path), self.name, self.num_samples))
 
 
-def _as_folder(folder: Path | StudyFolder) -> StudyFolder:
+def as_folder(folder: Path | StudyFolder) -> StudyFolder:
+    """A folder given either way, as a :class:`StudyFolder`."""
     return folder if isinstance(folder, StudyFolder) else StudyFolder(Path(folder))
 
 

@@ -233,13 +233,13 @@ def finished_trials(trials: pd.DataFrame) -> pd.DataFrame:
     return done.sort_values(["best_val_acc", "epochs_run", "trial_id"], ascending=[False, True, True])
 
 
-def outcome_counts(trials: pd.DataFrame, driver_stopped: bool = True) -> dict[Outcome, int]:
-    """How many trials of a ``trials`` table ended each way. Once the driver has stopped
-    (``driver_stopped``), a trial still RUNNING in the table is INTERRUPTED."""
+def outcome_counts(trials: pd.DataFrame) -> dict[Outcome, int]:
+    """How many trials of a ``trials`` table, read once its driver has stopped, ended each way: a
+    trial still RUNNING there is INTERRUPTED."""
     counts: dict[Outcome, int] = {}
     for status, reason in zip(trials["status"], trials["stop_reason"], strict=True):
         ended = Outcome.of_row(status, None if pd.isna(reason) else reason)
-        ended = Outcome.INTERRUPTED if driver_stopped and ended is Outcome.RUNNING else ended
+        ended = Outcome.INTERRUPTED if ended is Outcome.RUNNING else ended
         counts[ended] = counts.get(ended, 0) + 1
     return counts
 

@@ -14,7 +14,6 @@ configuration, tested once per seed.
 from __future__ import annotations
 
 import io
-import os
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ from tune_cifar import cli
 from tune_cifar import config as cfg
 from tune_cifar.data import Splits, load_splits
 from tune_cifar.engine import Trainer
-from tune_cifar.errors import UsageError
+from tune_cifar.errors import UsageError, os_reason
 from tune_cifar.outcome import Outcome
 from tune_cifar.plan import StudyPlan
 from tune_cifar.spaces import load_config_file
@@ -180,8 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(config) | {"filters": list(config.filters)}))
     except OSError as exc:  # a full disk, a quota: every file written so far is whole (atomic writes)
-        reason = os.strerror(exc.errno) if exc.errno else str(exc).splitlines()[0]
-        print(f"error: cannot write the run's results in {out}: {reason}; what was written is whole", file=sys.stderr)
+        print(f"error: cannot write the run's results in {out}: {os_reason(exc)}; what was written is whole",
+              file=sys.stderr)  # fmt: skip
         return EXIT_WRITE_FAILED
     trained = [row for row in results if row["status"] != Outcome.DIVERGED.status]
     lost = len(results) - len(trained)
