@@ -9,6 +9,7 @@ PORT ?= 8080
 
 DATA_DIR ?=
 STUDIES ?= studies/results
+CHUNK ?= all
 
 .PHONY: setup demo test lint report dashboard bench results clean
 
@@ -47,10 +48,10 @@ dashboard: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 
-# Every run behind RESULTS.md (about 90 minutes on a 2-core CPU), then RESULTS.md itself.
+# Every run behind RESULTS.md, in chunks of at most about 2.5 h on a 2-core CPU (CHUNK=1..5; default all), then RESULTS.md.
 results: $(STAMP)
 	@test -n "$(DATA_DIR)" || { echo "usage: make results DATA_DIR=folder-with-cifar-10-batches-py [STUDIES=studies/results]"; exit 2; }
-	PYTHON=$(BIN)/python analysis/make_results.sh "$(DATA_DIR)" "$(STUDIES)"
+	PYTHON=$(BIN)/python analysis/make_results.sh "$(DATA_DIR)" "$(STUDIES)" "$(CHUNK)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -78,7 +78,7 @@ class StudyPlan:
         seeds = args.seeds or space.seeds
         effective = effective_space(space, max_epochs, args.precision, held, seeds, seed)
         num_samples = args.num_samples or effective.num_samples
-        if effective.grid and num_samples != effective.num_samples:
+        if effective.enumerated and num_samples != effective.num_samples:
             raise UsageError(f"{space.path}: a grid runs each of its {effective.num_samples} combinations once")
         return cls(
             name=name,
@@ -112,7 +112,7 @@ class StudyPlan:
         ``--num-samples``, with this driver's W&B mode, data folder and concurrency."""
         written = spaces.load(self.space.path)  # the study's copy of its space file
         grown = args.num_samples is not None and args.num_samples > self.num_samples
-        if grown and (written.grid or self.seeds > 1):
+        if grown and (written.enumerated or self.seeds > 1):
             raise UsageError(f"--num-samples {args.num_samples}: a grid study runs each combination once")
         for flag in STUDY_FLAGS:
             given = getattr(args, flag)

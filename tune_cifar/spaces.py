@@ -13,6 +13,14 @@ A space file says what a study varies and how long it may run::
       lr: {loguniform: [1.0e-4, 1.0e-1]}
     grid: {optimizer: [adam, sgd]}       # instead of params: every combination exactly once
     seeds: 3                             # each grid point (or the fixed config) with 3 seeds
+    points: [{optimizer: sgd, lr: 0.05}] # instead of grid/params: these configurations, each once
+    tune:                                # for ``tune_cifar.compare``: every grid level tuned on its own
+      trials: 8                          # K tuning trials per level, the same proposals for each level
+      seeds: 5                           # S confirmation seeds per level and view
+      params: {lr: {loguniform: [1.0e-4, 1.0]}}
+
+A study (``tune_cifar.search``) runs a file with ``tune:`` as its grid alone, every level at the
+fixed values: the baseline view. ``tune_cifar.compare`` reads ``tune:`` and runs the comparison.
 
 Every key is a key of the configuration vocabulary (:mod:`tune_cifar.config`), so a mistyped
 name fails here, with the file and key named, instead of as a crashed trial hours later.
@@ -45,7 +53,10 @@ TOP_KEYS = (
     "params",
     "grid",
     "seeds",
+    "points",
+    "tune",
 )
+TUNE_KEYS = ("trials", "seeds", "params")
 DATA_KEYS = ("source", "subset", "val_size")
 ASHA_KEYS = ("grace_period", "reduction_factor")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "logint")
@@ -117,6 +128,15 @@ class Asha:
 
 
 @dataclass(frozen=True)
+class Tuning:
+    """``tune:``: keys tuned separately for every level of the grid, with an equal budget."""
+
+    trials: int  # K: tuning trials per level
+    seeds: int  # S: confirmation seeds per level and view, none of them the tuning seed
+    params: dict[str, Distribution]
+
+
+@dataclass(frozen=True)
 class Space:
     """A validated search-space file."""
 
@@ -134,15 +154,35 @@ class Space:
     params: dict[str, Distribution] = field(default_factory=dict)
     grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     seeds: int = 1  # each grid point (or the one fixed configuration) runs with this many seeds
+    points: tuple[dict[str, Any], ...] = ()  # explicit configurations (instead of a grid), each one trial
+    tune: Tuning | None = None  # read by tune_cifar.compare only
 
     @property
     def sampled_keys(self) -> list[str]:
         """Keys set per trial, parents before children so define-by-run can test activity."""
-        keys = list(self.params) + list(self.grid)
+        keys = list(self.params) + list(self.grid) + [key for key in self.point_choices if key not in self.grid]
         return sorted(keys, key=lambda key: (_depth(key), keys.index(key)))
 
+    @property
+    def point_choices(self) -> dict[str, tuple[Any, ...]]:
+        """Every value each key takes over :attr:`points`, in order of first appearance (Optuna's choices)."""
+        choices: dict[str, list[Any]] = {}
+        for point in self.points:
+            for key, value in point.items():
+                seen = choices.setdefault(key, [])
+                if value not in seen:
+                    seen.append(value)
+        return {key: tuple(values) for key, values in choices.items()}
+
+    @property
+    def enumerated(self) -> bool:
+        """Whether the study runs a list of configurations (grid or points) rather than sampling."""
+        return bool(self.grid or self.points)
+
     def grid_points(self) -> list[dict[str, Any]]:
-        """Every combination of the grid's values, in file order (one trial each)."""
+        """Every combination of the grid's values in file order, or the listed points (one trial each)."""
+        if self.points:
+            return [dict(point) for point in self.points]
         if not self.grid:
             return []
         keys = list(self.grid)
@@ -161,7 +201,13 @@ class Space:
             raise UsageError(f"{self.path}: seeds {seeds}: only a grid or a fixed configuration can be repeated")
         if "seed" in self.fixed or "seed" in self.grid:
             raise UsageError(f"{self.path}: seeds {seeds}: the space sets seed itself; drop one of them")
-        grid = {**self.grid, "seed": tuple(range(first_seed, first_seed + seeds))}
+        seed_values = tuple(range(first_seed, first_seed + seeds))
+        if self.points:
+            if "seed" in self.point_choices:
+                raise UsageError(f"{self.path}: seeds {seeds}: the points set seed themselves; drop one of them")
+            points = tuple({**point, "seed": seed} for point in self.points for seed in seed_values)
+            return dataclasses.replace(self, points=points, num_samples=len(points), seeds=seeds)
+        grid = {**self.grid, "seed": seed_values}
         size = math.prod(len(values) for values in grid.values())
         return dataclasses.replace(self, grid=grid, num_samples=size, seeds=seeds)
 
@@ -205,6 +251,9 @@ def hold(space: Space, held: dict[str, Any]) -> Space:
         cfg.from_dict({**fixed, "epochs": space.max_epochs}, source="--set")
     except UsageError as exc:
         raise UsageError(f"--set: {exc}") from None
+    listed = sorted(values.keys() & space.point_choices.keys())
+    if listed:
+        raise UsageError(f"--set {listed[0]}: {space.path} lists it in its points; edit the points instead")
     params = {key: spec for key, spec in space.params.items() if key not in values}
     grid = {key: spec for key, spec in space.grid.items() if key not in values}
     one_point = bool(space.grid) and not grid and not params  # a grid held at one point: one trial
@@ -225,11 +274,12 @@ class DefineByRun:
     def __call__(self, trial: Any) -> dict[str, Any]:
         """The trial's configuration values: the space's constants and the keys sampled into ``trial``."""
         values = self.space.constants(self.seed)
+        listed = {**self.space.point_choices, **self.space.grid}
         for key in self.space.sampled_keys:
             if key not in cfg.active_keys(values):
                 continue  # inactive: Optuna never sees it, the trials table leaves it null
-            if key in self.space.grid:
-                values[key] = trial.suggest_categorical(key, list(self.space.grid[key]))
+            if key in listed:  # every listed point is an enqueued trial: this returns its value
+                values[key] = trial.suggest_categorical(key, list(listed[key]))
             else:
                 values[key] = self.space.params[key].suggest(trial, key)
         return values
@@ -294,6 +344,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
     source, subset, val_size = _parse_data(raw, fail)
     concurrent = raw.get("max_concurrent")
     fixed, params, grid = _parse_sections(path, raw, max_epochs, fail)
+    points = _parse_points(raw, fixed, params, grid, max_epochs, fail)
     description = raw.get("description") or ""
     if not isinstance(description, str):
         raise fail("description", "must be text")
@@ -301,7 +352,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
         name=path.stem,
         path=path,
         description=description.strip(),
-        num_samples=_parse_num_samples(raw, params, grid, fail),
+        num_samples=len(points) if points else _parse_num_samples(raw, params, grid, fail),
         max_epochs=max_epochs,
         source=source,
         subset=subset,
@@ -312,6 +363,8 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
         params=params,
         grid=grid,
         seeds=_positive_int(raw.get("seeds", 1), "seeds", fail),
+        points=points,
+        tune=_parse_tune(raw, fixed, params, grid, max_epochs, fail),
     )
     space.repeated(space.seeds)  # a space that cannot be repeated fails here, with the file named
     return space
@@ -394,6 +447,97 @@ def _check_sections(fixed: dict[str, Any], params: dict[str, Any], grid: dict[st
             raise fail(f"grid.{key}", "both fixed and in the grid; keep one")
 
 
+def _parse_points(
+    raw: dict[str, Any],
+    fixed: dict[str, Any],
+    params: dict[str, Any],
+    grid: dict[str, Any],
+    max_epochs: int,
+    fail: Any,
+) -> tuple[dict[str, Any], ...]:
+    """``points:``: explicit configurations over the fixed keys. A point sets every listed key that is
+    active for it and none that is inactive, so that the trial runs exactly the point."""
+    if raw.get("points") is None:
+        return ()
+    listed = raw["points"]
+    if not isinstance(listed, list) or not listed:
+        raise fail("points", f"expected a non-empty list of mappings, got {listed!r}")
+    if grid or params:
+        raise fail("points", "points list every configuration; drop grid and params")
+    if "num_samples" in raw and raw["num_samples"] != len(listed):
+        raise fail("num_samples", f"{raw['num_samples']}, but there are {len(listed)} points (omit num_samples)")
+    keys = {key for point in listed if isinstance(point, dict) for key in point}
+    points = []
+    for index, point in enumerate(listed):
+        where = f"points[{index}]"
+        if not isinstance(point, dict) or not point:
+            raise fail(where, f"expected a mapping of configuration keys, got {point!r}")
+        for key, value in point.items():
+            if key not in cfg.KEYS or key == "epochs":
+                raise fail(f"{where}.{key}", "not a configuration key a point can set")
+            if key in fixed:
+                raise fail(f"{where}.{key}", "both fixed and in a point; keep one")
+            if not isinstance(value, (str, int, float, bool)):
+                raise fail(f"{where}.{key}", f"values must be scalars, got {value!r}")
+        point = {key: cfg.format_filters(cfg.parse_filters(v)) if key == "filters" else v for key, v in point.items()}
+        active = cfg.active_keys({**fixed, **point})
+        for key in sorted(keys):
+            if key in active and key not in point:
+                raise fail(where, f"{key} is active here but not set (set it in every point where it is active)")
+            if key in point and key not in active:
+                raise fail(f"{where}.{key}", "inactive for this point (its parent's value turns it off)")
+        try:
+            cfg.from_dict({**fixed, "epochs": max_epochs, **point}, source=where)
+        except UsageError as exc:
+            raise fail(where, str(exc)) from None
+        if point in points:
+            raise fail(where, f"repeats an earlier point {point!r}")
+        points.append(point)
+    return tuple(points)
+
+
+def _parse_tune(
+    raw: dict[str, Any],
+    fixed: dict[str, Any],
+    params: dict[str, Any],
+    grid: dict[str, tuple[Any, ...]],
+    max_epochs: int,
+    fail: Any,
+) -> Tuning | None:
+    """``tune:``: which keys every grid level gets tuned on its own, with how many trials and seeds."""
+    if raw.get("tune") is None:
+        return None
+    spec = _mapping(raw["tune"], "tune", fail)
+    _check_known(spec, TUNE_KEYS, "tune", fail)
+    if len(grid) != 1 or params:
+        raise fail("tune", "needs a grid of one key (the factor whose levels are tuned each) and no params")
+    trials = _positive_int(spec.get("trials", 8), "tune.trials", fail)
+    seeds = _positive_int(spec.get("seeds", 5), "tune.seeds", fail, minimum=2)
+    tuned_raw = _mapping(spec.get("params"), "tune.params", fail)
+    if not tuned_raw:
+        raise fail("tune.params", "name at least one key to tune per level")
+    tuned = {}
+    choices = dict(grid)
+    base = {**fixed, "epochs": max_epochs}
+    for key, dist in tuned_raw.items():
+        where = f"tune.params.{key}"
+        if key not in cfg.KEYS or key in ("epochs", "seed"):
+            raise fail(where, f"not a configuration key that can be tuned (known keys: {', '.join(cfg.KEYS)})")
+        if key in grid:
+            raise fail(where, "also in the grid; a factor's levels cannot be tuned per level")
+        tuned[key] = _distribution(key, dist, fail, where=where)
+        activating = _activating(key, fixed, choices)
+        if activating is None:
+            parent, when = cfg.CONDITIONS[key]
+            raise fail(where, f"never active: it only matters when {parent} is {' or '.join(map(str, when))}")
+        for value in tuned[key].extremes():
+            try:
+                cfg.from_dict({**base, **activating, key: value}, source=where)
+            except UsageError as exc:
+                raise fail(where, str(exc)) from None
+    return Tuning(trials=trials, seeds=seeds, params=tuned)
+
+
 def _parse_num_samples(raw: dict[str, Any], params: dict[str, Any], grid: dict[str, tuple[Any, ...]], fail: Any) -> int:
     """A grid runs each combination once; a sampled space 16 trials unless it says otherwise."""
     if grid and params:
@@ -438,8 +582,8 @@ def _number(value: Any, where: str, fail: Any) -> float:
         raise fail(where, f"expected a number, got {value!r}") from None
 
 
-def _distribution(key: str, spec: Any, fail: Any) -> Distribution:
-    where = f"params.{key}"
+def _distribution(key: str, spec: Any, fail: Any, where: str | None = None) -> Distribution:
+    where = where or f"params.{key}"
     if not isinstance(spec, dict) or len(spec) != 1:
         raise fail(where, f"expected one of {{{', '.join(k + ': ...' for k in DISTRIBUTIONS)}}}, got {spec!r}")
     kind, args = next(iter(spec.items()))
