@@ -31,9 +31,7 @@ REFERENCE_TEST_ACC = 0.9153
 HYPERPARAMETERS: tuple[str, ...] = cfg.KEYS
 MAIN_FACTORS = ("optimizer", "scheduler", "loss", "activation")
 # Choices rather than quantities (filters is stored as the string "64,128,256").
-CATEGORICAL = tuple(
-    key for key in cfg.KEYS if key == "filters" or cfg.field_type(key) in ("str", "bool")
-)
+CATEGORICAL = tuple(key for key in cfg.KEYS if key == "filters" or cfg.field_type(key) in ("str", "bool"))
 
 
 @dataclass
@@ -151,6 +149,19 @@ def load_study(folder: str | Path) -> Study:
         raise UsageError(f"{folder}: not a study folder (no trials/ table; give the folder tune_cifar.search wrote)")
     return Study(folder, read_table(folder, "trials"), StudyPlan.load_if_any(folder))
 
+
+def budget(study: Study) -> str:
+    """``9,000 images x 5 epochs, validated on 5,000, bf16``: what every accuracy of a folder rests on."""
+    trials = study.trials
+    parts = [
+        f"{'/'.join(f'{int(v):,}' for v in sorted(trials['train_images'].dropna().unique()))} images",
+        f"× {'/'.join(fmt(v) for v in sorted(trials['epochs'].dropna().unique()))} epochs",
+    ]
+    val = sorted(trials["val_images"].dropna().unique())
+    if val and val != [0]:
+        parts.append(f"validated on {'/'.join(f'{int(v):,}' for v in val)}")
+    parts.append(", ".join(sorted(trials["precision"].dropna().unique())))
+    return " ".join(parts[:2]) + ", " + ", ".join(parts[2:])
 
 
 def native(value: Any) -> Any:

@@ -34,7 +34,7 @@ import pandas as pd
 from tune_cifar import cli
 from tune_cifar import config as cfg
 from tune_cifar.analysis import bn_landscape, search_views
-from tune_cifar.analysis._study import Study, fmt, load_study, markdown_table, native, pct, save
+from tune_cifar.analysis._study import Study, budget, fmt, load_study, markdown_table, native, pct, save
 from tune_cifar.analysis.best_config import factor_table, trials_cell
 from tune_cifar.errors import UsageError
 from tune_cifar.outcome import count_words
@@ -67,20 +67,6 @@ def machine() -> str:
     except OSError:
         pass
     return f"{model}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
-
-
-def budget(study: Study) -> str:
-    """``9,000 images x 5 epochs, validated on 5,000, bf16``: what every accuracy of a folder rests on."""
-    trials = study.trials
-    parts = [
-        f"{'/'.join(f'{int(v):,}' for v in sorted(trials['train_images'].dropna().unique()))} images",
-        f"× {'/'.join(fmt(v) for v in sorted(trials['epochs'].dropna().unique()))} epochs",
-    ]
-    val = sorted(trials["val_images"].dropna().unique())
-    if val and val != [0]:
-        parts.append(f"validated on {'/'.join(f'{int(v):,}' for v in val)}")
-    parts.append(", ".join(sorted(trials["precision"].dropna().unique())))
-    return " ".join(parts[:2]) + ", " + ", ".join(parts[2:])
 
 
 def wall(study: Study) -> float:

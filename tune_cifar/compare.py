@@ -194,16 +194,14 @@ def select(comparison: Comparison, trials: Any) -> dict[str, Any]:
     """Each level's best proposal by final validation accuracy (ties: the earlier proposal), with the
     tuned keys whose selected value is the lowest or highest tried. Only trials that ran every
     epoch count; a level none of whose trials did is not selected (``values`` None)."""
-    from tune_cifar.outcome import Outcome
+    from tune_cifar.tables import ran_every_epoch
 
     selection = {}
     for level in comparison.levels:
         tried = comparison.proposals[str(level)]
         scores: list[float | None] = [None] * len(tried)
-        rows = trials[trials[comparison.factor].astype(str) == str(level)]
+        rows = trials[(trials[comparison.factor].astype(str) == str(level)) & ran_every_epoch(trials)]
         for _, row in rows.iterrows():
-            if Outcome.of_row(row["status"], row["stop_reason"]) is not Outcome.COMPLETED:
-                continue
             for index, proposal in enumerate(tried):
                 if all(_same(row[key], value) for key, value in proposal.items()):
                     scores[index] = float(row["final_val_acc"])

@@ -99,6 +99,7 @@ def field_type(key: str) -> str:
     or ``"tuple[int, ...]"`` for filters. Schemas, spaces and analysis ask here."""
     return _FIELD_TYPES[key]
 
+
 # key -> (the key it depends on, the values of that key under which it is active). A key is
 # active when its parent is active and holds one of those values.
 CONDITIONS: dict[str, tuple[str, tuple[Any, ...]]] = {

@@ -233,6 +233,15 @@ def finished_trials(trials: pd.DataFrame) -> pd.DataFrame:
     return done.sort_values(["best_val_acc", "epochs_run", "trial_id"], ascending=[False, True, True])
 
 
+def ran_every_epoch(trials: pd.DataFrame) -> pd.Series:
+    """Which rows of a ``trials`` table are COMPLETED trials (not stopped, diverged, failed or running)."""
+    outcomes = [
+        Outcome.of_row(s, None if pd.isna(r) else r)
+        for s, r in zip(trials["status"], trials["stop_reason"], strict=True)
+    ]
+    return pd.Series([o is Outcome.COMPLETED for o in outcomes], index=trials.index, dtype=bool)
+
+
 def outcome_counts(trials: pd.DataFrame) -> dict[Outcome, int]:
     """How many trials of a ``trials`` table, read once its driver has stopped, ended each way: a
     trial still RUNNING there is INTERRUPTED."""
