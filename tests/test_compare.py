@@ -1,0 +1,285 @@
+"""Fair comparisons (``tune_cifar.compare``) end to end on real Ray, Optuna and Parquet, and their statistics.
+
+One comparison runs once for the module on synthetic images: 2 optimizers × 3 paired proposals of
+(lr, momentum), 2 epochs, then 2 confirmation seeds in both views. The tests read what it left.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy.stats import kendalltau, spearmanr
+from test_study import REPO, study_env
+
+from tune_cifar import spaces
+from tune_cifar.analysis.stats import (
+    bootstrap_ci,
+    earliest_agreement,
+    expected_best,
+    paired_difference,
+    rank_agreement,
+)
+from tune_cifar.errors import UsageError
+from tune_cifar.proposals import for_level, proposals
+
+K = 3
+SEEDS = 2
+EPOCHS = 2
+SPACE = {
+    "description": "a tiny fair comparison",
+    "max_epochs": EPOCHS,
+    "data": {"source": "synthetic", "subset": 320, "val_size": 64},
+    "asha": None,
+    "max_concurrent": 2,
+    "fixed": {
+        "model": "conditioned_cnn",
+        "filters": "8,16,32",
+        "batch_size": 64,
+        "augment": False,
+        "precision": "fp32",
+        "lr": 0.002,
+        "momentum": 0.9,
+    },
+    "grid": {"optimizer": ["adam", "sgd"]},
+    "tune": {
+        "trials": K,
+        "seeds": SEEDS,
+        "params": {"lr": {"loguniform": [1.0e-3, 1.0e-1]}, "momentum": {"uniform": [0.5, 0.95]}},
+    },
+}
+
+
+def compare_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tune_cifar.compare", *args]
+
+
+def write_space(folder: Path, **changes: Any) -> Path:
+    raw = {**SPACE, **changes}
+    path = folder / "fair.yaml"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory: pytest.TempPathFactory, ray_tmp: Path) -> Path:
+    root = tmp_path_factory.mktemp("compare")
+    space = write_space(root / "spaces")
+    args = ("--space", str(space), "--name", "fair", "--storage-path", str(root / "studies"), "--wandb", "disabled")
+    done = subprocess.run(compare_cmd(*args), cwd=REPO, env=study_env(ray_tmp), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    folder = root / "studies" / "fair"
+    (folder / "command.json").write_text(json.dumps(list(args)))
+    return folder
+
+
+def trials(folder: Path, stage: str) -> pd.DataFrame:
+    return pd.read_parquet(folder / stage / "trials")
+
+
+def test_every_level_runs_the_same_k_proposals_and_inactive_keys_stay_untuned(compared: Path) -> None:
+    tuning = trials(compared, "tuning")
+    assert len(tuning) == 2 * K
+    assert set(tuning["seed"]) == {0}
+    assert set(tuning["epochs_run"]) == {EPOCHS}  # no early stopping: selection at the full budget
+    lrs = {level: sorted(rows["lr"]) for level, rows in tuning.groupby("optimizer")}
+    assert lrs["adam"] == lrs["sgd"] and len(set(lrs["adam"])) == K  # paired: the same K values
+    sgd = tuning[tuning["optimizer"] == "sgd"]
+    assert sgd["momentum"].notna().all() and sgd["momentum"].nunique() == K
+    assert tuning[tuning["optimizer"] == "adam"]["momentum"].isna().all()  # inactive for Adam: not tuned
+
+
+def test_selection_is_each_levels_best_final_accuracy_with_its_bounds_flagged(compared: Path) -> None:
+    tuning = trials(compared, "tuning")
+    selection = json.loads((compared / "selection.json").read_text())
+    for level, rows in tuning.groupby("optimizer"):
+        best = rows.sort_values("final_val_acc", ascending=False).iloc[0]
+        chosen = selection[level]
+        assert chosen["val_acc"] == pytest.approx(best["final_val_acc"])
+        assert chosen["values"]["lr"] == pytest.approx(best["lr"])
+        assert chosen["finished"] == K
+        for key, value in chosen["values"].items():
+            tried = rows[key]
+            expected = "lowest" if value == tried.min() else "highest" if value == tried.max() else None
+            assert chosen["at_bound"].get(key) == expected
+
+
+def test_confirmation_runs_both_views_on_fresh_seeds(compared: Path) -> None:
+    confirm = trials(compared, "confirm")
+    tuning_seeds = set(trials(compared, "tuning")["seed"])
+    assert set(confirm["seed"]) == {1, 2} and not set(confirm["seed"]) & tuning_seeds
+    selection = json.loads((compared / "selection.json").read_text())
+    for level in ("adam", "sgd"):
+        rows = confirm[confirm["optimizer"] == level]
+        baseline = rows[np.isclose(rows["lr"], 0.002)]
+        assert sorted(baseline["seed"]) == [1, 2]
+        tuned = rows[np.isclose(rows["lr"], selection[level]["values"]["lr"])]
+        assert sorted(tuned["seed"]) == [1, 2]
+    sgd_baseline = confirm[(confirm["optimizer"] == "sgd") & np.isclose(confirm["lr"], 0.002)]
+    assert (sgd_baseline["momentum"] == 0.9).all()  # the baseline view holds the fixed value
+
+
+def test_report_has_both_views_with_budgets_and_the_csv_rows(compared: Path, tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "analysis/comparison.py", str(compared), "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "fair.md").read_text()
+    for part in (
+        "tuning, 256 images × 2 epochs, validated on 64, fp32",
+        "Confirmation, 256 images × 2 epochs, validated on 64, fp32: seeds 1, 2",
+        "baseline: mean ± std",
+        "tuned: mean ± std",
+        "Expected best validation accuracy after k",
+        "Spearman ρ",
+        "The grace period this space supports",
+    ):
+        assert part in text, part
+    assert (tmp_path / "fair_expected_best.png").stat().st_size > 0
+    rows = pd.read_csv(tmp_path / "fair.csv")
+    required = ["factor", "level", "view", "train_images", "epochs", "tuned", "seeds", "mean", "std", "median",
+                "ci_low", "ci_high"]  # fmt: skip
+    assert list(rows.columns[: len(required)]) == required
+    assert sorted(zip(rows["level"], rows["view"], strict=True)) == [
+        ("adam", "baseline"), ("adam", "tuned"), ("sgd", "baseline"), ("sgd", "tuned"),
+    ]  # fmt: skip
+    confirm = trials(compared, "confirm")
+    adam_base = confirm[(confirm["optimizer"] == "adam") & np.isclose(confirm["lr"], 0.002)]["final_val_acc"]
+    row = rows[(rows["level"] == "adam") & (rows["view"] == "baseline")].iloc[0]
+    assert row["mean"] == pytest.approx(100 * adam_base.mean(), abs=1e-2)
+    assert row["seeds"] == 2 and row["epochs"] == EPOCHS and row["train_images"] == 256
+    assert set(rows["verdict"]) <= {"best", "tied with the best", "below the best"}
+
+
+def test_running_the_command_again_continues_and_adds_nothing(compared: Path, ray_tmp: Path) -> None:
+    before = {stage: len(trials(compared, stage)) for stage in ("tuning", "confirm")}
+    args = json.loads((compared / "command.json").read_text())
+    done = subprocess.run(compare_cmd(*args), cwd=REPO, env=study_env(ray_tmp), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {stage: len(trials(compared, stage)) for stage in ("tuning", "confirm")} == before
+    changed = [*args, "--tuning-trials", "5"]
+    refused = subprocess.run(compare_cmd(*changed), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "started with trials = 3" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("tune", "flags", "words"),
+    [
+        ({"params": {"learning_rate": {"loguniform": [1e-3, 1e-1]}}}, [], "tune.params.learning_rate"),
+        ({"params": {"optimizer": {"choice": ["adam"]}}}, [], "tune.params.optimizer: also in the grid"),
+        ({"trials": 0, "params": {"lr": {"loguniform": [1e-3, 1e-1]}}}, [], "tune.trials"),
+        ({"seeds": 1, "params": {"lr": {"loguniform": [1e-3, 1e-1]}}}, [], "tune.seeds"),
+        ({"params": {"lr": {"loguniform": [1e-3, 1e-1]}}}, ["--tuning-trials", "0"], "--tuning-trials"),
+        ({"params": {"lr": {"loguniform": [1e-3, 1e-1]}}}, ["--confirm-seeds", "1"], "--confirm-seeds"),
+        ({"params": {"lr": {"loguniform": [1e-3, 1e-1]}}}, ["--set", "lr=0.1"], "--set lr"),
+        ({"params": {"lr": {"loguniform": [1e-3, 1e-1]}}}, ["--seeds", "3"], "--seeds"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_file_and_key_and_writes_nothing(
+    tmp_path: Path, tune: dict[str, Any], flags: list[str], words: str
+) -> None:
+    space = write_space(tmp_path / "spaces", tune=tune)
+    storage = tmp_path / "studies"
+    done = subprocess.run(compare_cmd("--space", str(space), "--name", "x", "--storage-path", str(storage), *flags),
+                          cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], done.stderr
+    if flags[:1] != ["--set"] and words.startswith("tune"):
+        assert str(space) in lines[0]
+    assert not storage.exists()
+
+
+def test_a_space_without_tune_is_refused_by_compare(tmp_path: Path) -> None:
+    raw = {key: value for key, value in SPACE.items() if key != "tune"}
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    done = subprocess.run(compare_cmd("--space", str(path), "--name", "x", "--storage-path", str(tmp_path / "s")),
+                          cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2 and "no tune: section" in done.stderr
+
+
+# -- the design and the statistics, without Ray ----------------------------------------------------
+
+
+def test_one_key_proposals_are_a_log_grid_with_both_bounds() -> None:
+    grid = proposals({"lr": spaces.Distribution("loguniform", (1e-4, 1.0))}, 5, seed=0)
+    assert [p["lr"] for p in grid] == [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+
+
+def test_several_keys_get_k_distinct_values_each_reproducibly() -> None:
+    tuned = {
+        "lr": spaces.Distribution("loguniform", (1e-4, 1.0)),
+        "momentum": spaces.Distribution("uniform", (0.5, 0.99)),
+    }
+    first, again, other = proposals(tuned, 6, seed=0), proposals(tuned, 6, seed=0), proposals(tuned, 6, seed=1)
+    assert first == again and first != other
+    for key, (low, high) in (("lr", (1e-4, 1.0)), ("momentum", (0.5, 0.99))):
+        values = [p[key] for p in first]
+        assert len(set(values)) == 6 and all(low <= v <= high for v in values)
+    adam = for_level(first, {"optimizer": "adam"})
+    assert adam == [{"lr": p["lr"]} for p in first]  # momentum inactive for Adam
+
+
+def test_expected_best_matches_a_hand_computed_case() -> None:
+    values = [0.1, 0.3, 0.2]
+    assert expected_best(values, 1) == pytest.approx(0.2)  # one draw: the mean
+    # two draws with replacement: P(max=0.1)=1/9, P(max=0.2)=3/9, P(max=0.3)=5/9
+    assert expected_best(values, 2) == pytest.approx(0.1 / 9 + 0.2 * 3 / 9 + 0.3 * 5 / 9)
+    assert expected_best(values, 50) == pytest.approx(0.3, abs=1e-8)
+
+
+def test_rank_agreement_matches_scipy_and_names_the_earliest_epoch() -> None:
+    final = pd.Series([0.9, 0.8, 0.7, 0.6, 0.5], index=list("abcde"))
+    scores = pd.DataFrame(
+        {1: [0.1, 0.5, 0.3, 0.4, 0.2], 2: [0.5, 0.6, 0.4, 0.3, 0.1], 3: [0.8, 0.7, 0.75, 0.5, 0.4]},
+        index=list("abcde"),
+    )
+    table = rank_agreement(scores, final)
+    for epoch, row in table.set_index("epoch").iterrows():
+        assert row["spearman"] == pytest.approx(spearmanr(scores[epoch], final).statistic)
+        assert row["kendall"] == pytest.approx(kendalltau(scores[epoch], final).statistic)
+    assert list(table["spearman"] >= 0.7) == [False, True, True]
+    assert earliest_agreement(table) == 2
+    dipping = pd.DataFrame({"epoch": [1, 2, 3], "spearman": [0.9, 0.5, 0.8]})
+    assert earliest_agreement(dipping) == 3  # ρ must stay at or above the threshold from there on
+    assert earliest_agreement(pd.DataFrame({"epoch": [1], "spearman": [math.nan]})) is None
+
+
+def test_paired_difference_uses_shared_seeds_and_bootstrap_is_reproducible() -> None:
+    diff = paired_difference({1: 0.5, 2: 0.6, 3: 0.7}, {1: 0.4, 2: 0.5, 4: 0.9})
+    assert diff is not None and diff.n == 2 and diff.mean == pytest.approx(0.1)
+    assert paired_difference({1: 0.5}, {1: 0.4}) is None
+    values = [0.50, 0.52, 0.49, 0.55, 0.51]
+    low, high = bootstrap_ci(values)
+    assert (low, high) == bootstrap_ci(values) and low < np.mean(values) < high
+
+
+def test_points_must_set_every_active_key_and_no_inactive_one(tmp_path: Path) -> None:
+    base = {"fixed": {"model": "small_cnn"}, "max_epochs": 1}
+
+    def load(points: Any) -> spaces.Space:
+        path = tmp_path / "points.yaml"
+        path.write_text(yaml.safe_dump({**base, "points": points}))
+        return spaces.load(path)
+
+    space = load([{"optimizer": "sgd", "momentum": 0.5}, {"optimizer": "adam"}])
+    assert space.num_samples == 2 and space.grid_points()[1] == {"optimizer": "adam"}
+    with pytest.raises(UsageError, match=r"points\[1\]: momentum is active here but not set"):
+        load([{"optimizer": "sgd", "momentum": 0.5}, {"optimizer": "sgd"}])
+    with pytest.raises(UsageError, match=r"points\[0\]\.momentum: inactive"):
+        load([{"optimizer": "adam", "momentum": 0.5}])
+    with pytest.raises(UsageError, match=r"points\[1\]: repeats"):
+        load([{"optimizer": "adam"}, {"optimizer": "adam"}])
+    with pytest.raises(UsageError, match="--set optimizer"):
+        spaces.hold(space, {"optimizer": "sgd"})
