@@ -40,6 +40,7 @@ from tune_cifar.analysis.rankings import budget_rankings
 from tune_cifar.analysis.stats import Spread, expected_best, paired_difference, spread
 from tune_cifar.compare import SELECTION, Comparison, select
 from tune_cifar.errors import UsageError
+from tune_cifar.outcome import Outcome
 from tune_cifar.tables import ran_every_epoch, write_atomic_text
 
 VIEWS = ("baseline", "tuned")
@@ -261,6 +262,11 @@ def report(folder: Path, out: Path) -> tuple[str, pd.DataFrame]:
     if not (folder / "confirm" / "trials").is_dir():
         raise UsageError(f"{folder}: no confirmation stage yet (run the tune_cifar.compare command to its end)")
     confirm = load_study(folder / "confirm")
+    ended = len(confirm.trials) - int((confirm.trials["status"] == Outcome.RUNNING.status).sum())
+    planned = confirm.plan.num_samples if confirm.plan else ended
+    if ended < planned:
+        raise UsageError(f"{folder}: the confirmation stage has ended {ended} of its {planned} trials "
+                         "(run the tune_cifar.compare command again to finish it)")  # fmt: skip
     found = views(comparison, selection, confirm)
     judged = verdicts(found)
     name = folder.name

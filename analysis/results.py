@@ -1,22 +1,24 @@
 """RESULTS.md from the studies of ``analysis/make_results.sh``: the source reports' questions, answered.
 
 ``python analysis/results.py STUDIES_DIR [--out RESULTS.md] [--figures results]`` reads only the
-Parquet tables of the study folders ``make_results.sh`` writes (``grid_optimizers``,
-``grid_schedulers``, ``grid_losses``, ``grid_activations``, ``full``, ``retrain_tuned``,
-``retrain_hand``, ``bn_adam``, ``bn_sgd``) and writes:
+Parquet tables of the folders ``make_results.sh`` writes and writes:
 
-1. the second report's four factor tables: per level, mean ± sample standard deviation of the
-   validation accuracy over the seeds at the one budget every run had, beside the report's own
-   single-run test figure, with one line per table on whether the ordering agrees and which
-   differences exceed the seed spread;
-2. tuned (the TPE + ASHA study's best configuration) against hand-tuned (``seed_best``), both
-   retrained on train + validation over seeds and tested once per seed;
+1. the second report's four factor tables as fair comparisons (``fair_optimizers``,
+   ``fair_schedulers``, ``fair_losses``, ``fair_activations``: :mod:`analysis.comparison`), each
+   level at the baseline's learning rate and at its own tuned one, beside the report's single-run
+   figures; the optimizer table again at a larger budget (``fair_optimizers_large``), with whether
+   its ordering holds; every table's numbers as ``results/factor_tables.csv``;
+2. tuned (the TPE + ASHA study's best configuration, ``full``) against hand-tuned (``seed_best``),
+   both retrained on train + validation over seeds and tested once per seed (``retrain_tuned``,
+   ``retrain_hand``), with how well ASHA's rungs predicted the final ranking;
 3. the BN landscape in the course's setting (Adam) and Santurkar et al.'s (plain SGD): epochs
    to 50% validation accuracy, the loss band, gradient predictiveness and β-smoothness, and
-   for each of the paper's claims whether this budget reproduces it.
+   for each of the paper's claims whether this budget reproduces it (``bn_adam``, ``bn_sgd``).
 
-Every accuracy states the data, images × epochs, seeds and precision it rests on. A folder
-that is missing is reported as not run, not silently skipped.
+Every accuracy states the data, images × epochs, seeds and precision it rests on. The runs take
+many hours on a 2-core CPU, so they are made in chunks, possibly on different machines: each
+section is kept under ``results/`` when its folders are present and carried over from there when
+they are not. A section never run says so.
 """
 
 from __future__ import annotations
@@ -32,13 +34,11 @@ from typing import Any
 import pandas as pd
 
 from tune_cifar import cli
-from tune_cifar import config as cfg
-from tune_cifar.analysis import bn_landscape, search_views
-from tune_cifar.analysis._study import Study, budget, fmt, load_study, markdown_table, native, pct, save
-from tune_cifar.analysis.best_config import factor_table, trials_cell
+from tune_cifar.analysis import bn_landscape, comparison, rankings, search_views
+from tune_cifar.analysis._study import REFERENCE_TEST_ACC, Study, budget, fmt, load_study, markdown_table, pct, save
 from tune_cifar.errors import UsageError
 from tune_cifar.outcome import count_words
-from tune_cifar.tables import outcome_counts, read_table
+from tune_cifar.tables import outcome_counts, read_table, write_atomic_text
 
 # The second report's single runs (50-100 epochs, full CIFAR-10, test accuracy %), per factor.
 REPORTED = {
@@ -47,8 +47,10 @@ REPORTED = {
     "loss": {"cross_entropy": 88.42, "label_smoothing": 89.61, "focal": 87.61, "mse": 90.03},
     "activation": {"leaky_relu": 89.45, "relu": 89.31, "elu": 87.45},
 }
-GRIDS = {"optimizer": "grid_optimizers", "scheduler": "grid_schedulers", "loss": "grid_losses",
-         "activation": "grid_activations"}  # fmt: skip
+# factor -> (its comparison's folder, the make_results.sh chunk that runs it)
+FAIR = {"optimizer": ("fair_optimizers", 1), "scheduler": ("fair_schedulers", 2), "loss": ("fair_losses", 3),
+        "activation": ("fair_activations", 3)}  # fmt: skip
+LARGE = "fair_optimizers_large"  # the optimizer comparison at 45,000 images x 10 epochs
 GOAL_POINTS = 1.5  # the tuned configuration should beat the hand-tuned one by this many test points
 DATA_NOTE = (
     "CIFAR-10 from the offline copy in `../shared/data/cifar10` (all 60,000 images with the official labels; "
@@ -73,101 +75,93 @@ def wall(study: Study) -> float:
     return float(study.trials["wall_s"].sum())
 
 
-def significant_pairs(table: pd.DataFrame, factor: str) -> list[str]:
-    """Pairs of levels whose means differ by more than twice the standard error of the difference."""
-    found = []
-    for a, b in itertools.combinations(table.itertuples(), 2):
-        error = math.sqrt(a.std_val_acc**2 / a.trials + b.std_val_acc**2 / b.trials)
-        if abs(a.mean_val_acc - b.mean_val_acc) > 2 * error:
-            high, low = (a, b) if a.mean_val_acc > b.mean_val_acc else (b, a)
-            found.append(f"{getattr(high, factor)} > {getattr(low, factor)}")
-    return found
+def comparison_rows(studies: Path, name: str, comparisons: Path, link: str) -> tuple[list[str], pd.DataFrame] | None:
+    """A comparison's report and CSV rows: regenerated into ``comparisons`` from its Parquet tables when
+    its folder is in ``studies``, else the ones a previous regeneration wrote there (None: never run)."""
+    folder = studies / name
+    if (folder / "confirm" / "trials").is_dir():
+        text, rows = comparison.report(folder, comparisons)
+        write_atomic_text(comparisons / f"{name}.md", text + "\n")
+        write_atomic_text(comparisons / f"{name}.csv", rows.to_csv(index=False, float_format="%.4g"))
+    md, csv = comparisons / f"{name}.md", comparisons / f"{name}.csv"
+    if not (md.is_file() and csv.is_file()):
+        return None
+    text = md.read_text().replace(f"]({name}_", f"]({link}/{comparisons.name}/{name}_")
+    return text.splitlines(), pd.read_csv(csv)
 
 
-def ordering_line(table: pd.DataFrame, factor: str) -> str:
+def ordering(rows: pd.DataFrame, view: str) -> list[str]:
+    """The levels of one view, best mean first."""
+    shown = rows[rows["view"] == view].sort_values("mean", ascending=False)
+    return [str(level) for level in shown["level"]]
+
+
+def agreement_line(ours: list[str], theirs: list[str]) -> str:
+    pairs = list(itertools.combinations([level for level in ours if level in theirs], 2))
+    agree = sum(theirs.index(a) < theirs.index(b) for a, b in pairs)
+    return "the same order" if agree == len(pairs) else f"{agree} of {len(pairs)} pairs in the same order"
+
+
+def report_line(factor: str, rows: pd.DataFrame) -> str:
+    """The report's single-run figures and whether each view orders the levels as the report did."""
     reported = REPORTED[factor]
-    ours = [level for level in table[factor] if level in reported]
-    theirs = sorted(ours, key=lambda level: -reported[level])
-    pairs = list(itertools.combinations(ours, 2))  # ours is sorted by our mean, best first
-    agree = sum(reported[a] > reported[b] for a, b in pairs)
-    verdict = "the same order" if ours == theirs else f"{agree} of {len(pairs)} pairs in the same order"
-    spread = significant_pairs(table, factor)
-    separated = (
-        f"differences beyond 2 standard errors of the seed spread: {', '.join(spread)}"
-        if spread
-        else "no difference exceeds 2 standard errors of the seed spread"
-    )
+    theirs = sorted(reported, key=lambda level: -reported[level])
+    figures = ", ".join(f"{level} {reported[level]:.2f}" for level in theirs)
+    views = []
+    for view in ("baseline", "tuned"):
+        ours = [level for level in ordering(rows, view) if level in reported]
+        if ours:
+            views.append(f"{view} view {' > '.join(ours)} ({agreement_line(ours, theirs)})")
     return (
-        f"Ordering here: {' > '.join(ours)}; the report's: {' > '.join(theirs)} ({verdict}). {separated.capitalize()}."
+        f"The report (test accuracy, single runs of 50-100 epochs on all 50,000 images, for the ordering only): "
+        f"{figures}. Ordering here: {'; '.join(views)}; ties above are ties whatever the order says."
     )
 
 
-def level_settings(study: Study, factor: str) -> str:
-    """`` Settings only some levels use: step: step_size=2, gamma=0.1.``: the keys a level switches on."""
-    children = [key for key, (parent, _) in cfg.CONDITIONS.items() if parent == factor]
-    described = []
-    for level, group in study.trials.groupby(factor):
-        used = [f"{key}={fmt(group[key].dropna().iloc[0])}" for key in children if group[key].notna().any()]
-        if used:
-            described.append(f"{level}: {', '.join(used)}")
-    return f" Settings only some levels use: {'; '.join(described)}." if described else ""
-
-
-def identical_levels(study: Study, factor: str, epochs: int) -> str:
-    """Levels whose runs are identical seed for seed: the choice never changed training at this budget."""
-    at = study.at_budget(epochs)
-    runs = {level: tuple(group.sort_values("seed")["val_acc"]) for level, group in at.groupby(at[factor].map(native))}
-    same = [sorted(map(str, levels)) for levels in _groups_by_value(runs) if len(levels) > 1]
-    if not same:
-        return ""
-    listed = "; ".join(" = ".join(levels) for levels in same)
-    return f" Identical runs, seed for seed: {listed} (at this budget the choice never changed training)."
-
-
-def _groups_by_value(runs: dict[Any, tuple[float, ...]]) -> list[list[Any]]:
-    groups: dict[tuple[float, ...], list[Any]] = {}
-    for level, values in runs.items():
-        groups.setdefault(values, []).append(level)
-    return list(groups.values())
-
-
-def factor_section(studies: Path) -> list[str]:
-    parts = ["## 1. The second report's factor tables", ""]
-    for factor, name in GRIDS.items():
-        folder = studies / name
-        if not (folder / "trials").is_dir():
-            parts += [f"### {factor}", "", f"Not run (no `{folder}`).", ""]
+def factor_section(studies: Path, figures: Path, link: str) -> tuple[list[str], list[pd.DataFrame]]:
+    """Section 1 and the rows of ``factor_tables.csv``."""
+    comparisons = figures / "comparisons"
+    comparisons.mkdir(parents=True, exist_ok=True)
+    parts = [
+        "## 1. The second report's factor tables, each level at its own tuned learning rate",
+        "",
+        "Each factor by `python -m tune_cifar.compare` (README: Fair comparisons): every level tuned over the same "
+        "8 learning rates (1e-4 … 1, a log grid) on seed 0, the best selected on validation, then each level at "
+        "the baseline's lr 0.002 (the one-factor grid of the report) and at its own lr over 5 fresh seeds. "
+        "The CSV of every table: `results/factor_tables.csv`.",
+        "",
+    ]
+    tables = []
+    for factor, (name, chunk) in FAIR.items():
+        found = comparison_rows(studies, name, comparisons, link)
+        if found is None:
+            parts += [f"### {factor}", "", f"Not run yet (`make results DATA_DIR=... CHUNK={chunk}`).", ""]
             continue
-        study = load_study(folder)
-        table = factor_table(study, factor)
-        table = table[table["epochs"] == table["epochs"].max()].reset_index(drop=True)
-        seeds = ", ".join(fmt(s) for s in sorted(study.trials["seed"].unique()))
-        shown = pd.DataFrame(
-            {
-                factor: table[factor],
-                "seeds": [trials_cell(n, lost) for n, lost in zip(table["trials"], table["diverged"], strict=True)],
-                "val acc, mean ± std": [
-                    f"{100 * m:.2f} ± {100 * s:.2f}"
-                    for m, s in zip(table["mean_val_acc"], table["std_val_acc"], strict=True)
-                ],
-                "best seed": table["best_val_acc"].map(lambda v: f"{100 * v:.2f}"),
-                "report (test, single run, 50-100 epochs)": [
-                    f"{REPORTED[factor][level]:.2f}" if level in REPORTED[factor] else "–" for level in table[factor]
-                ],
-            }
-        )
-        parts += [
-            f"### {factor}",
-            "",
-            f"`{name}`: {budget(study)}; seeds {seeds}; {len(study.trials)} runs, {wall(study) / 60:.0f} min of "
-            "trial time. Validation accuracy after the last epoch." + level_settings(study, factor),
-            "",
-            markdown_table(shown),
-            "",
-            ordering_line(table, factor) + identical_levels(study, factor, int(table["epochs"].max())),
-            "",
-        ]
-    return parts
+        lines, rows = found
+        parts += [*lines, report_line(factor, rows), ""]
+        tables.append(rows)
+        if factor == "optimizer":
+            parts += large_budget(studies, comparisons, link, rows, tables)
+    return parts, tables
+
+
+def large_budget(
+    studies: Path, comparisons: Path, link: str, small: pd.DataFrame, tables: list[pd.DataFrame]
+) -> list[str]:
+    """The optimizer table again with all training images and twice the epochs: does its ordering hold?"""
+    found = comparison_rows(studies, LARGE, comparisons, link)
+    if found is None:
+        return ["### optimizer at a larger budget", "", "Not run yet (`make results DATA_DIR=... CHUNK=4`).", ""]
+    lines, rows = found
+    tables.append(rows)
+    before, after = ordering(small, "tuned"), ordering(rows, "tuned")
+    verdict = "holds" if before == after else f"changes ({agreement_line(after, before)})"
+    return [
+        *(line.replace("### optimizer", "### optimizer at a larger budget", 1) for line in lines),
+        f"Ordering of the tuned view: {' > '.join(after)} here, {' > '.join(before)} at the small budget: the "
+        f"ordering {verdict}.",
+        "",
+    ]
 
 
 def retrain_summary(folder: Path) -> dict[str, Any] | None:
@@ -184,7 +178,14 @@ def retrain_summary(folder: Path) -> dict[str, Any] | None:
 
 
 def tuned_section(studies: Path, figures: Path, link: str) -> list[str]:
-    parts = ["## 2. Tuned against hand-tuned, at an equal budget", ""]
+    parts = [
+        "## 2. Tuned against hand-tuned, at an equal budget",
+        "",
+        f"For context, not comparison: the second report's hand-tuned best reached {100 * REFERENCE_TEST_ACC:.2f}% "
+        "test accuracy with filters 128,256,512 over 100 epochs on all 50,000 images: about 70 times the "
+        "image-epochs of the retrains below (14,000 × 5), at four times their widths.",
+        "",
+    ]
     full = studies / "full"
     if (full / "trials").is_dir():
         study = load_study(full)
@@ -199,7 +200,15 @@ def tuned_section(studies: Path, figures: Path, link: str) -> list[str]:
             "",
         ]
         save(search_views.plot_asha(study), figures / "tuned_asha.png")
-        parts += [f"![ASHA's decisions in the tuned study]({link}/tuned_asha.png)", ""]
+        _, agreement = rankings.budget_rankings(study)
+        parts += [
+            f"![ASHA's decisions in the tuned study]({link}/tuned_asha.png)",
+            "",
+            "Did ASHA's rungs rank the trials as the full budget did?",
+            "",
+            *agreement,
+            "",
+        ]
     else:
         parts += [f"The study was not run (no `{full}`).", ""]
     rows = []
@@ -307,27 +316,46 @@ def claims(table: pd.DataFrame) -> list[str]:
     ]
 
 
+def carried(name: str, present: bool, build: Any, figures: Path) -> list[str]:
+    """A section built from its studies when they are here (and kept as ``figures/sections/NAME.md``),
+    else the one kept by the regeneration that had them, so that RESULTS.md can be regenerated chunk
+    by chunk on machines that hold only some of the study folders."""
+    kept = figures / "sections" / f"{name}.md"
+    if present or not kept.is_file():
+        lines = build()
+        if present:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic_text(kept, "\n".join(lines) + "\n")
+        return lines
+    return kept.read_text().splitlines()
+
+
 def write(studies: Path, out: Path, figures: Path) -> Path:
-    """Write ``out`` and its PNGs (into ``figures``, linked relative to ``out``)."""
+    """Write ``out``, ``figures/factor_tables.csv`` and the PNGs (into ``figures``, linked relative to ``out``)."""
     figures.mkdir(parents=True, exist_ok=True)
     link = os.path.relpath(figures, out.parent)
-    folders = [p for p in sorted(studies.iterdir()) if (p / "trials").is_dir()] if studies.is_dir() else []
-    if not folders:
+    factors, tables = factor_section(studies, figures, link)
+    tuned_here = any((studies / name / "trials").is_dir() for name in ("full", "retrain_tuned", "retrain_hand"))
+    bn_here = any((studies / name / "steps").is_dir() for name in ("bn_adam", "bn_sgd"))
+    if not tables and not tuned_here and not bn_here and not (figures / "sections").is_dir():
         raise UsageError(f"{studies}: no study folders (run analysis/make_results.sh DATA_DIR {studies} first)")
-    total = sum(float(read_table(p, "trials")["wall_s"].sum()) for p in folders)
+    if tables:
+        csv = pd.concat(tables, ignore_index=True)
+        write_atomic_text(figures / "factor_tables.csv", csv.to_csv(index=False, float_format="%.4g"))
     parts = [
         "# Results on CIFAR-10",
         "",
-        f"Regenerate: `analysis/make_results.sh DATA_DIR {studies}` (every run; `make results DATA_DIR=...`), then "
-        f"`python analysis/results.py {studies}` (this file, from the Parquet tables alone).",
+        f"Regenerate: `make results DATA_DIR=... [CHUNK=1..5]` (the runs, in chunks of at most about 2.5 hours, "
+        f"`analysis/make_results.sh`), then `python analysis/results.py {studies}` (this file, from the Parquet "
+        "tables alone; a section whose studies are not on the machine is carried over from the last "
+        "regeneration that had them, `results/sections/` and `results/comparisons/`).",
         "",
-        f"- machine: {machine()}",
+        f"- machine of this regeneration: {machine()}",
         f"- data: {DATA_NOTE}",
         "- budget: every number below states its images × epochs, validation images, seeds and precision; "
         "numbers are compared only within one budget. The report's figures are single 50-100-epoch runs on the "
         "full training set, shown for the ordering only.",
-        f"- trial time, summed over runs: {total / 60:.0f} min (two trials at a time on 2 cores)",
-        "- test accuracy is touched only by the retrains of section 2, once per seed.",
+        "- selection happens on validation; test accuracy is touched only by the retrains of section 2, once per seed.",
         "",
         "What this budget can and cannot say: a few epochs on a fifth of the images rank choices by how fast they "
         "learn, not by where they end. The report's numbers come from 10-20 times more training; choices whose "
@@ -335,11 +363,11 @@ def write(studies: Path, out: Path, figures: Path) -> Path:
         "higher there. Agreement in ordering is evidence; disagreement is a question for a longer run, not a "
         "refutation.",
         "",
-        *factor_section(studies),
-        *tuned_section(studies, figures, link),
-        *bn_section(studies, figures, link),
+        *factors,
+        *carried("tuned", tuned_here, lambda: tuned_section(studies, figures, link), figures),
+        *carried("bn", bn_here, lambda: bn_section(studies, figures, link), figures),
     ]
-    out.write_text("\n".join(parts))
+    write_atomic_text(out, "\n".join(parts) + "\n")
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -158,6 +159,27 @@ def test_report_has_both_views_with_budgets_and_the_csv_rows(compared: Path, tmp
     assert row["mean"] == pytest.approx(100 * adam_base.mean(), abs=1e-2)
     assert row["seeds"] == 2 and row["epochs"] == EPOCHS and row["train_images"] == 256
     assert set(rows["verdict"]) <= {"best", "tied with the best", "below the best"}
+
+
+def test_results_md_takes_the_comparison_and_keeps_it_when_the_folder_is_gone(compared: Path, tmp_path: Path) -> None:
+    studies, figures, out = tmp_path / "studies", tmp_path / "fig", tmp_path / "RESULTS.md"
+    shutil.copytree(compared, studies / "fair_optimizers")
+    command = [sys.executable, "analysis/results.py", str(studies), "--out", str(out), "--figures", str(figures)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    first = out.read_text()
+    assert "Confirmation, 256 images × 2 epochs" in first and "baseline: mean ± std" in first
+    assert "](fig/comparisons/fair_optimizers_expected_best.png)" in first
+    assert (figures / "comparisons" / "fair_optimizers_expected_best.png").is_file()
+    assert "The report (test accuracy, single runs" in first and "tuned view" in first
+    assert "### scheduler\n\nNot run yet (`make results DATA_DIR=... CHUNK=2`)" in first
+    assert "### optimizer at a larger budget\n\nNot run yet" in first
+    table = pd.read_csv(figures / "factor_tables.csv")
+    assert len(table) == 4 and set(table["factor"]) == {"optimizer"}
+    shutil.rmtree(studies / "fair_optimizers")  # another machine, another session: the folder is gone
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Confirmation, 256 images × 2 epochs" in out.read_text()  # carried over from fig/comparisons
 
 
 def test_running_the_command_again_continues_and_adds_nothing(compared: Path, ray_tmp: Path) -> None:

@@ -477,13 +477,9 @@ def test_results_md_states_budgets_and_mean_std(seeds_study: Path, tmp_path: Pat
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     text = out.read_text()
-    trials = pd.read_parquet(seeds_study / "trials")
-    adam = trials[trials["optimizer"] == "adam"]["final_val_acc"]
-    precision = trials["precision"].iloc[0]
-    assert f"180 images × 1 epochs, validated on 20, {precision}; seeds 7, 8" in text
-    assert f"| adam | 2 | {100 * adam.mean():.2f} ± {100 * adam.std(ddof=1):.2f} |" in text
-    assert "| 88.42 |" in text and "the report's: adam > sign_sgd > sgd" in text
-    assert "### scheduler" in text and "Not run" in text  # the other grids are missing, and say so
+    # no comparison ran here (tests/test_compare.py covers section 1): each factor says how to run it
+    assert "### scheduler\n\nNot run yet (`make results DATA_DIR=... CHUNK=2`)" in text
+    assert "91.53%" in text and "For context, not comparison" in text
     tuned = pd.read_parquet(studies / "retrain_tuned" / "trials")["test_acc"]
     assert f"{100 * tuned.mean():.2f} ± {100 * tuned.std(ddof=1):.2f}" in text
     assert "BN trains faster" in text and (tmp_path / "fig" / "bn_adam_band.png").is_file()
