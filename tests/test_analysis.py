@@ -962,3 +962,5 @@ def test_notebook_runs_top_to_bottom(
         assert len(images) >= 9 and "no steps table" not in text
     else:
         assert "no steps table in this study" in text
+        markdown = "".join(out.get("data", {}).get("text/markdown", "") for out in outputs)
+        assert "| rung | trials | Spearman ρ with the final ranking | Kendall τ |" in markdown  # ASHA's rungs
