@@ -194,6 +194,64 @@ def test_running_the_command_again_continues_and_adds_nothing(compared: Path, ra
     assert refused.returncode == 2 and "started with trials = 3" in refused.stderr
 
 
+def test_selected_from_confirms_another_selection_at_a_new_budget(
+    compared: Path, tmp_path: Path, ray_tmp: Path
+) -> None:
+    space = write_space(tmp_path / "spaces")
+    storage = tmp_path / "studies"
+    args = ("--space", str(space), "--name", "again", "--storage-path", str(storage), "--wandb", "disabled",
+            "--selected-from", str(compared), "--views", "tuned", "--max-epochs", "1")  # fmt: skip
+    done = subprocess.run(compare_cmd(*args), cwd=REPO, env=study_env(ray_tmp), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    folder = storage / "again"
+    assert not (folder / "tuning").exists()
+    selection = json.loads((compared / "selection.json").read_text())
+    confirm = trials(folder, "confirm")
+    assert len(confirm) == 2 * SEEDS and set(confirm["epochs_run"]) == {1}
+    for level, rows in confirm.groupby("optimizer"):
+        assert np.allclose(rows["lr"], selection[level]["values"]["lr"])  # the tuned view only
+    report = subprocess.run([sys.executable, "analysis/comparison.py", str(folder)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert (
+        "the selection of `fair`, confirmed at this budget" in report.stdout
+        and "256 images × 1 epochs" in report.stdout
+    )
+    other = write_space(tmp_path / "other", grid={"optimizer": ["adam", "sgd", "adamw"]})
+    flags = ("--space", str(other), "--name", "x", "--storage-path", str(storage), "--selected-from", str(compared))
+    refused = subprocess.run(compare_cmd(*flags), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "levels: ['adam', 'sgd'] there, ['adam', 'sgd', 'adamw'] here" in refused.stderr
+    assert not (storage / "x").exists()
+
+
+def test_ctrl_c_stops_the_running_stage_and_the_same_command_finishes_it(tmp_path: Path, ray_tmp: Path) -> None:
+    import signal
+    import time
+
+    space = write_space(tmp_path / "spaces", max_epochs=3)
+    storage = tmp_path / "studies"
+    args = ("--space", str(space), "--name", "stopped", "--storage-path", str(storage), "--wandb", "disabled")
+    driver = subprocess.Popen(compare_cmd(*args), cwd=REPO, env=study_env(ray_tmp), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    epochs = storage / "stopped" / "tuning" / "epochs"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (epochs.is_dir() and any(epochs.iterdir())):
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGINT)  # to compare alone: it forwards the signal to the stage once
+    out, err = driver.communicate(timeout=240)
+    assert driver.returncode == 130, out[-2000:] + err[-2000:]
+    assert "continue with:" in out.strip().splitlines()[-1] and "tune_cifar.compare" in out.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    assert not (storage / "stopped" / "confirm").exists()
+    done = subprocess.run(compare_cmd(*args), cwd=REPO, env=study_env(ray_tmp), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    tuning = trials(storage / "stopped", "tuning")
+    assert len(tuning) == 2 * K and tuning["trial_id"].is_unique and set(tuning["epochs_run"]) == {3}
+    assert len(trials(storage / "stopped", "confirm")) == 2 * 2 * SEEDS
+
+
 @pytest.mark.parametrize(
     ("tune", "flags", "words"),
     [

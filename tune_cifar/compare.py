@@ -311,7 +311,7 @@ def _selection_of(other: Path, comparison: Comparison) -> dict[str, Any]:
     for key in ("factor", "levels", "tuned", "baseline"):
         if getattr(source, key) != json.loads(json.dumps(getattr(comparison, key))):
             here = getattr(comparison, key)
-            raise UsageError(f"--selected-from {other}: its {key} is {getattr(source, key)}, here {here}")
+            raise UsageError(f"--selected-from {other}: {key}: {getattr(source, key)} there, {here} here")
     return json.loads(path.read_text())
 
 
