@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,7 +46,7 @@ from tune_cifar.tables import write_atomic_text
 
 PLAN = "comparison.json"
 SELECTION = "selection.json"
-STAGES = ("tuning", "confirm")
+REFUSED = 2  # a stage's exit code for bad input (cli.run)
 # Flags the comparison decides for its studies (the stage's name, space, seeds and size).
 NOT_FORWARDED = ("--space", "--name", "--resume", "--seeds", "--num-samples", "--grace-period")
 
@@ -177,9 +178,8 @@ def confirm_points(comparison: Comparison, selection: dict[str, Any]) -> list[di
     points: list[dict[str, Any]] = []
     for level in comparison.levels:
         chosen = selection[str(level)]
-        views = [{key: comparison.baseline[key] for key in chosen["active"]}]
-        if comparison.views == "tuned" and chosen["values"] is not None:
-            views = []
+        baseline = {key: comparison.baseline[key] for key in chosen["active"]}
+        views = [baseline] if comparison.views == "both" else []
         if chosen["values"] is not None:
             views.append(chosen["values"])
         for values in views:
@@ -278,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     selection = None
     if comparison.selected_from:
         selection = _selection_of(Path(comparison.selected_from), comparison)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / PLAN).is_file():
         write_atomic_text(folder / PLAN, comparison.to_json())
@@ -285,9 +286,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if selection is None:
         code = run_stage(folder, "tuning", stage_space(space, comparison, tuning_points(comparison), "Tuning"),
                          comparison.search_args)  # fmt: skip
+        if code == REFUSED and created and not (folder / "tuning").exists():
+            shutil.rmtree(folder)  # refused before any trial (the study said why): leave nothing behind
         if code:
-            print(f"the tuning stage stopped (exit {code}); continue with: {again}", flush=True)
-            return code
+            return _stopped("tuning", code, again)
         from tune_cifar.tables import read_table
 
         selection = select(comparison, read_table(folder / "tuning", "trials"))
@@ -296,10 +298,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     points = confirm_points(comparison, selection)
     code = run_stage(folder, "confirm", stage_space(space, comparison, points, "Confirmation"), comparison.search_args)
     if code:
-        print(f"the confirmation stage stopped (exit {code}); continue with: {again}", flush=True)
-        return code
+        return _stopped("confirmation", code, again)
     print(f"report: {cli.python_command('analysis/comparison.py', folder)}")
     return 0
+
+
+def _stopped(stage: str, code: int, again: str) -> int:
+    """A stage's exit passed on; after anything but bad input (the study printed it), how to continue."""
+    if code != REFUSED:
+        print(f"the {stage} stage stopped (exit {code}); continue with: {again}", flush=True)
+    return code
 
 
 def _selection_of(other: Path, comparison: Comparison) -> dict[str, Any]:
