@@ -270,8 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (folder / PLAN).is_file():
         stored = Comparison.load(folder)
         for key, value in comparison.__dict__.items():
-            if key == "search_args":  # the stage's --resume checks the study flags among them
-                continue
+            if key in ("space_file", "search_args"):  # where the file lives may change (another checkout);
+                continue  # the stages' --resume checks the study flags among search_args
             if getattr(stored, key) != json.loads(json.dumps(value, default=str)):
                 raise UsageError(f"{folder}: started with {key} = {getattr(stored, key)}, not {value}; "
                                  "a continued comparison keeps its settings (or pick a new --name)")  # fmt: skip
