@@ -7,6 +7,7 @@ The names and the pickle layout are spelled out here rather than imported from
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import shutil
 import tarfile
@@ -16,6 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+# precision: auto caches its measurements in $XDG_CACHE_HOME; the suite (and every process it starts,
+# which inherit the environment) keeps them in a folder of its own, never the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="tune-cifar-test-cache-")
 
 BATCH_NAMES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")
 LABEL_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
+from tune_cifar.calibration import choose as choose_precision
 from tune_cifar.config import TrainConfig
 from tune_cifar.data import DeviceLoader, Splits
 from tune_cifar.losses import build_loss
@@ -29,7 +30,6 @@ from tune_cifar.models import build_model
 from tune_cifar.optim import LrSchedule, apply_l1, build_optimizer, decayed_parameters
 from tune_cifar.outcome import diverged
 from tune_cifar.precision import autocast
-from tune_cifar.precision import resolve as resolve_precision
 from tune_cifar.report import EpochReport
 from tune_cifar.telemetry import Telemetry, count_macs, worst_health
 
@@ -44,13 +44,15 @@ class Trainer:
         self.config = config
         self.splits = splits
         self.device = torch.device(device)
-        self.precision = resolve_precision(config.precision, self.device)  # fp32 or bf16, never auto
+        # auto measured (or cached) before seeding: the calibration's random draws never reach the trial
+        self.computing = choose_precision(config, self.device)
+        self.precision = self.computing.precision  # fp32 or bf16, never auto
         self.autocast = autocast(self.device, self.precision)
         torch.manual_seed(config.seed)
-        on_gpu = self.device.type == "cuda"
         self.model = build_model(config)
         self.macs, self.params = count_macs(self.model)
-        self.model.to(self.device, memory_format=torch.channels_last if on_gpu else torch.contiguous_format)
+        layout = torch.channels_last if self.computing.channels_last else torch.contiguous_format
+        self.model.to(self.device, memory_format=layout)
         # what the steps call: the model itself, or its torch.compile wrapper (same parameters)
         self.network = torch.compile(self.model) if compile else self.model
         self.loss_fn = build_loss(config)
@@ -223,6 +225,8 @@ class Trainer:
             "node": platform.node(),
             "device": str(self.device),
             "precision": self.precision,  # resolved: what auto meant here
+            "channels_last": self.computing.channels_last,
+            "precision_rates": self.computing.rates_text() or None,  # what auto measured (null: explicit)
         }
 
     # -- loss-landscape probe (BN study) -----------------------------------------------------

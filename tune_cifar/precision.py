@@ -4,9 +4,9 @@ bf16 autocast runs convolutions and matrix products in bfloat16 (float32 accumul
 the kernels) and keeps weights, optimizer state, BatchNorm statistics and the losses in
 float32 (every loss casts its logits first, :mod:`tune_cifar.losses`). It pays where the
 hardware computes bf16 natively: every recent CUDA GPU, and CPUs with AVX512-BF16 or AMX
-(x86) or the BF16 extension (Arm); elsewhere bf16 is emulated and slower, so ``auto`` picks
-float32 there. Whether it pays on a given CPU is a measurement, not a flag: on the development
-VM (AVX512-BF16) it measured no faster than float32 (``benchmarks/train_throughput.py``).
+(x86) or the BF16 extension (Arm); elsewhere bf16 is emulated and slower, so ``auto`` never
+tries it there. Whether it pays on a CPU that has it is a measurement, not a flag (two CPUs with
+the same AVX512-BF16 flag gave opposite answers): ``auto`` is decided by :mod:`tune_cifar.calibration`.
 """
 
 from __future__ import annotations
@@ -39,16 +39,13 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 
 
 def resolve(precision: str, device: torch.device) -> str:
-    """``fp32`` or ``bf16``: what ``auto`` means on ``device``, or the explicit choice (checked)."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
-    on_gpu = device.type == "cuda"
-    if precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
+    """An explicit ``fp32`` or ``bf16``, checked against the device (``auto`` is measured instead:
+    :func:`tune_cifar.calibration.choose`)."""
+    if precision not in PRECISIONS or precision == "auto":
+        raise UsageError(f"unknown precision {precision!r} here (choose from fp32, bf16)")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError(f"precision bf16: {torch.cuda.get_device_name(device)} has no bf16 support; use fp32")
-    if precision != "auto":
-        return precision
-    native = torch.cuda.is_bf16_supported() if on_gpu else device.type == "cpu" and cpu_has_native_bf16()
-    return "bf16" if native else "fp32"
+    return precision
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:

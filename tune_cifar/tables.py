@@ -65,6 +65,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("val_images", pa.int64()),  # 0 for a retrain on train + validation
             ("node", pa.string()),
             ("device", pa.string()),
+            ("channels_last", pa.bool_()),  # the memory format auto chose (always on a GPU)
+            ("precision_rates", pa.string()),  # what auto measured: "fp32 812, bf16 640, ... img/s"; null if explicit
             ("wall_s", pa.float64()),
         ]
     ),

@@ -249,7 +249,7 @@ def train_one(
     print(
         f"training {config.model} ({trainer.params:,} parameters, {trainer.macs:,} MACs) on {splits.source}: "
         f"{len(splits.train_y):,} train / {len(splits.val_y):,} val / {len(splits.test_y):,} test images, {device}, "
-        f"{trainer.precision}, seed {config.seed}"
+        f"{trainer.computing.describe()}, seed {config.seed}"
     )
     started = time.perf_counter()
     while trainer.epoch < config.epochs and not trainer.diverged:
