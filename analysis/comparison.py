@@ -113,6 +113,10 @@ def verdicts(found: list[LevelView]) -> dict[tuple[Any, str], tuple[Spread | Non
     return out
 
 
+def _effort(study: Study) -> str:
+    return f"{len(study.trials)} runs, {study.trials['wall_s'].sum() / 60:.0f} min of trial time"
+
+
 def _values_text(values: dict[str, Any]) -> str:
     return ", ".join(f"{key}={fmt(value)}" for key, value in values.items()) or "–"
 
@@ -280,7 +284,7 @@ def report(folder: Path, out: Path) -> tuple[str, pd.DataFrame]:
     if tuning is not None and not comparison.selected_from:
         lines += [
             f"`{name}`: tuning, {budget(tuning)}: each level × the same {comparison.trials} values of {tuned_keys}, "
-            f"seed {comparison.tuning_seed}, selected by final validation accuracy.",
+            f"seed {comparison.tuning_seed}, selected by final validation accuracy; {_effort(tuning)}.",
             "",
             selection_table(comparison, selection),
             "",
@@ -288,7 +292,8 @@ def report(folder: Path, out: Path) -> tuple[str, pd.DataFrame]:
     elif comparison.selected_from:
         lines += [f"`{name}`: the selection of `{Path(comparison.selected_from).name}`, confirmed at this budget.", ""]
     lines += [
-        f"Confirmation, {budget(confirm)}: seeds {seeds} (none of them the tuning seed), validation accuracy "
+        f"Confirmation, {budget(confirm)}: seeds {seeds} (none of them the tuning seed; {_effort(confirm)}), "
+        "validation accuracy "
         "after the last epoch, in percent. The baseline view holds "
         f"{_values_text(comparison.baseline)} for every level (as a one-factor grid does); the tuned view uses "
         'each level\'s selection. Intervals: bootstrap 95% of the mean; "vs best": the difference to the '
