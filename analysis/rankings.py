@@ -55,11 +55,12 @@ def budget_rankings(study: Study) -> tuple[pd.DataFrame, list[str]]:
         )
     else:
         earliest = earliest_agreement(agreement, THRESHOLD)
-        supported = (
-            f"epoch {earliest} (ρ ≥ {THRESHOLD} from there on)"
-            if earliest is not None
-            else f"none shorter than the full {full} epochs (ρ < {THRESHOLD} at some epoch before the last)"
-        )
+        if earliest is not None:
+            supported = f"epoch {earliest} (ρ ≥ {THRESHOLD} from there on)"
+        elif agreement.empty or agreement["spearman"].isna().all():
+            supported = "not measurable here (one epoch, or fewer than 3 trials)"
+        else:
+            supported = f"none shorter than the full {full} epochs (ρ < {THRESHOLD} at some epoch before the last)"
         lines.append(
             f"Over all {len(final)} trials, each run to epoch {full}. "
             f"The grace period this space supports: {supported}."

@@ -103,11 +103,14 @@ def test_every_level_runs_the_same_k_proposals_and_inactive_keys_stay_untuned(co
 def test_selection_is_each_levels_best_final_accuracy_with_its_bounds_flagged(compared: Path) -> None:
     tuning = trials(compared, "tuning")
     selection = json.loads((compared / "selection.json").read_text())
+    proposed = json.loads((compared / "comparison.json").read_text())["proposals"]
     for level, rows in tuning.groupby("optimizer"):
-        best = rows.sort_values("final_val_acc", ascending=False).iloc[0]
+        top = rows[rows["final_val_acc"] == rows["final_val_acc"].max()]
+        order = [p["lr"] for p in proposed[level]]
+        best = min(top["lr"], key=lambda lr: min(range(K), key=lambda i: abs(order[i] - lr)))  # ties: earlier
         chosen = selection[level]
-        assert chosen["val_acc"] == pytest.approx(best["final_val_acc"])
-        assert chosen["values"]["lr"] == pytest.approx(best["lr"])
+        assert chosen["val_acc"] == pytest.approx(rows["final_val_acc"].max())
+        assert chosen["values"]["lr"] == pytest.approx(best)
         assert chosen["finished"] == K
         for key, value in chosen["values"].items():
             tried = rows[key]
@@ -200,7 +203,7 @@ def test_selected_from_confirms_another_selection_at_a_new_budget(
     space = write_space(tmp_path / "spaces")
     storage = tmp_path / "studies"
     args = ("--space", str(space), "--name", "again", "--storage-path", str(storage), "--wandb", "disabled",
-            "--selected-from", str(compared), "--views", "tuned", "--max-epochs", "1")  # fmt: skip
+            "--selected-from", str(compared), "--views", "tuned", "--max-epochs", "1", "--seed", "3")  # fmt: skip
     done = subprocess.run(compare_cmd(*args), cwd=REPO, env=study_env(ray_tmp), capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -209,6 +212,8 @@ def test_selected_from_confirms_another_selection_at_a_new_budget(
     selection = json.loads((compared / "selection.json").read_text())
     confirm = trials(folder, "confirm")
     assert len(confirm) == 2 * SEEDS and set(confirm["epochs_run"]) == {1}
+    assert set(confirm["seed"]) == {4, 5}  # --seed 3: the next S seeds
+    assert json.loads((folder / "confirm" / "study.json").read_text())["seed"] == 3  # the stage's split
     for level, rows in confirm.groupby("optimizer"):
         assert np.allclose(rows["lr"], selection[level]["values"]["lr"])  # the tuned view only
     report = subprocess.run([sys.executable, "analysis/comparison.py", str(folder)], cwd=REPO, capture_output=True,
@@ -264,6 +269,12 @@ def test_ctrl_c_stops_the_running_stage_and_the_same_command_finishes_it(tmp_pat
         ({"params": {"lr": {"loguniform": [1e-3, 1e-1]}}}, ["--set", "lr=0.1"], "--set lr"),
         ({"params": {"lr": {"loguniform": [1e-3, 1e-1]}}}, ["--seeds", "3"], "--seeds"),
         ({"params": {"lr": {"loguniform": [1e-3, 1e-1]}}}, ["--subset", "99999999"], "subset must be between"),
+        ({"params": {"lr": {"loguniform": [1e-3, 1e-1]}}}, ["--max-epochs", "0"], "--max-epochs must be at least 1"),
+        (
+            {"params": {"scheduler": {"choice": ["step", "none"]}, "step_size": {"int": [1, 3]}}},
+            [],
+            "tune.params.step_size: its parent scheduler is tuned too",
+        ),
     ],
 )
 def test_bad_input_is_one_line_naming_the_file_and_key_and_writes_nothing(
@@ -279,6 +290,16 @@ def test_bad_input_is_one_line_naming_the_file_and_key_and_writes_nothing(
     if flags[:1] != ["--set"] and words.startswith("tune"):
         assert str(space) in lines[0]
     assert not (storage / "x").exists()  # refused by the comparison, or by its first stage at start-up
+
+
+def test_a_comparison_needs_one_explicit_precision(tmp_path: Path) -> None:
+    fixed = {key: value for key, value in SPACE["fixed"].items() if key != "precision"}
+    space = write_space(tmp_path / "spaces", fixed=fixed)
+    storage = tmp_path / "studies"
+    refused = subprocess.run(compare_cmd("--space", str(space), "--name", "x", "--storage-path", str(storage)),
+                             cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert refused.returncode == 2 and "--precision" in refused.stderr and "auto" in refused.stderr
+    assert not storage.exists()
 
 
 def test_a_space_without_tune_is_refused_by_compare(tmp_path: Path) -> None:
@@ -344,6 +365,25 @@ def test_paired_difference_uses_shared_seeds_and_bootstrap_is_reproducible() -> 
     values = [0.50, 0.52, 0.49, 0.55, 0.51]
     low, high = bootstrap_ci(values)
     assert (low, high) == bootstrap_ci(values) and low < np.mean(values) < high
+
+
+def test_paired_difference_interval_is_students_t() -> None:
+    from scipy.stats import ttest_1samp
+
+    values, reference = {1: 0.52, 2: 0.55, 3: 0.50, 4: 0.56, 5: 0.53}, {1: 0.50, 2: 0.51, 3: 0.50, 4: 0.52, 5: 0.49}
+    diff = paired_difference(values, reference)
+    expected = ttest_1samp([values[s] - reference[s] for s in values], 0.0).confidence_interval(0.95)
+    assert diff is not None and (diff.ci_low, diff.ci_high) == pytest.approx((expected.low, expected.high))
+
+
+def test_float_levels_match_the_table_as_numbers(tmp_path: Path) -> None:
+    from tune_cifar.compare import same_level
+
+    path = tmp_path / "dropout.yaml"
+    path.write_text(yaml.safe_dump({"fixed": {"model": "conditioned_cnn"}, "grid": {"dropout": [0, 0.4]}}))
+    assert spaces.load(path).grid["dropout"] == (0.0, 0.4)  # 0 as 0.0, as Parquet stores it
+    column = pd.Series([0.0, 0.4, None], dtype="float64")
+    assert list(same_level(column, 0.0)) == [True, False, False]
 
 
 def test_points_must_set_every_active_key_and_no_inactive_one(tmp_path: Path) -> None:

@@ -67,10 +67,14 @@ def test_auto_measures_once_then_reads_the_cache(tmp_path: Path) -> None:
     assert len(entries) == 2 and all("batch 32" in key or "batch 64" in key for key in entries)
 
 
-def test_explicit_precision_wins_over_the_cache(tmp_path: Path) -> None:
+def test_explicit_precision_wins_over_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_measuring(*args: object) -> None:
+        raise AssertionError("measured although the precision was explicit or cached")
+
     key = calibration.cache_key(SMALL, CPU)
     entry = {"precision": "bf16", "channels_last": True, "rates": {"fp32": 1.0, "bf16+cl": 2.0}}
     (tmp_path / "precision.json").write_text(json.dumps({"version": 1, "entries": {key: entry}}))
+    monkeypatch.setattr(calibration, "measure", no_measuring)
     explicit = calibration.choose(dataclasses.replace(SMALL, precision="fp32"), CPU, cache_dir=tmp_path)
     assert (explicit.precision, explicit.channels_last, explicit.source) == ("fp32", False, "explicit")
     assert explicit.rates == {}

@@ -24,6 +24,7 @@ command's budget (is the ordering the same with more data and epochs?). Other fl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
 from tune_cifar import cli, spaces
@@ -68,11 +70,16 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, list[str]]:
         help="confirm each level at the baseline's and at its selected values (both), or at its selected only",
     )
     parser.add_argument("--seed", type=int, default=0, help="tuning seed and data split; confirmation: the next S")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16"), help="every run's precision (default: the space's; never auto)"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as tune_cifar.search's")
     args, forwarded = parser.parse_known_args(argv)
     for flag in forwarded:
         if flag.split("=")[0] in NOT_FORWARDED:
             raise UsageError(f"{flag.split('=')[0]}: the comparison sets it for its studies; leave it out")
+    own = [f"--seed={args.seed}"] + ([f"--precision={args.precision}"] if args.precision else [])
+    forwarded = [*forwarded, *own, *(f"--set={assignment}" for assignment in args.set)]
     if args.tuning_trials is not None and args.tuning_trials < 1:
         raise UsageError(f"--tuning-trials must be at least 1, got {args.tuning_trials}")
     if args.confirm_seeds is not None and args.confirm_seeds < 2:
@@ -98,7 +105,12 @@ class Comparison:
     proposals: dict[str, list[dict[str, Any]]]  # level (as text) -> the proposals it runs
     selected_from: str | None
     views: str  # "both" (baseline and tuned) or "tuned"
-    search_args: list[str]
+    study_flags: dict[str, Any]  # what the stages' budget and data are (max_epochs, data, subset, ...)
+    search_args: list[str]  # the flags every stage runs with (resources and paths may change on continuing)
+
+    def baseline_view(self, active: list[str]) -> dict[str, Any]:
+        """The baseline's values of the tuned keys active for a level: what a one-factor grid runs."""
+        return {key: self.baseline[key] for key in active}
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, default=str) + "\n"
@@ -114,14 +126,26 @@ class Comparison:
 
 def plan(args: Any, forwarded: list[str]) -> tuple[Comparison, spaces.Space]:
     """The comparison these flags ask for, checked before anything is written."""
+    from tune_cifar import search
+
     space = spaces.load(args.space)
     if space.tune is None:
         raise UsageError(f"{space.path}: no tune: section (run a plain study with python -m tune_cifar.search)")
     ((factor, levels),) = space.grid.items()
     held = cfg.parse_assignments(args.set)
     for key in held:
-        if key == factor or key in space.tune.params:
-            raise UsageError(f"--set {key}: the comparison varies it ({space.path}); edit the space file instead")
+        if key in (factor, "seed") or key in space.tune.params:
+            raise UsageError(f"--set {key}: the comparison decides it ({space.path}); edit the space file instead")
+    if "seed" in space.fixed:
+        raise UsageError(f"{space.path}: fixed.seed: the comparison sets the seeds (--seed, then the next S)")
+    precision = args.precision or held.get("precision") or space.fixed.get("precision")
+    if precision in (None, "auto"):
+        raise UsageError(
+            f"--precision: {space.path} leaves it to auto, which measures each level's network on each node and may "
+            "train levels in different precisions; give --precision fp32 or bf16"
+        )
+    stage = search.parse_args([*forwarded, "--space", str(space.path)])  # the stages' flags, checked now
+    study_flags = {flag: getattr(stage, flag) for flag in ("max_epochs", "data", "subset", "val_size", "seed")}
     trials = args.tuning_trials or space.tune.trials
     seeds = args.confirm_seeds or space.tune.seeds
     defaults = cfg.to_dict(cfg.TrainConfig())
@@ -142,7 +166,8 @@ def plan(args: Any, forwarded: list[str]) -> tuple[Comparison, spaces.Space]:
         proposals=per_level,
         selected_from=str(Path(args.selected_from).resolve()) if args.selected_from else None,
         views=args.views,
-        search_args=[*forwarded, *(f"--set={a}" for a in args.set)],
+        study_flags={**study_flags, "precision": precision, "held": held},
+        search_args=forwarded,
     )
     return comparison, space
 
@@ -178,8 +203,7 @@ def confirm_points(comparison: Comparison, selection: dict[str, Any]) -> list[di
     points: list[dict[str, Any]] = []
     for level in comparison.levels:
         chosen = selection[str(level)]
-        baseline = {key: comparison.baseline[key] for key in chosen["active"]}
-        views = [baseline] if comparison.views == "both" else []
+        views = [comparison.baseline_view(chosen["active"])] if comparison.views == "both" else []
         if chosen["values"] is not None:
             views.append(chosen["values"])
         for values in views:
@@ -200,10 +224,10 @@ def select(comparison: Comparison, trials: Any) -> dict[str, Any]:
     for level in comparison.levels:
         tried = comparison.proposals[str(level)]
         scores: list[float | None] = [None] * len(tried)
-        rows = trials[(trials[comparison.factor].astype(str) == str(level)) & ran_every_epoch(trials)]
+        rows = trials[same_level(trials[comparison.factor], level) & ran_every_epoch(trials)]
         for _, row in rows.iterrows():
             for index, proposal in enumerate(tried):
-                if all(_same(row[key], value) for key, value in proposal.items()):
+                if all(same_value(row[key], value) for key, value in proposal.items()):
                     scores[index] = float(row["final_val_acc"])
         finished = [i for i, score in enumerate(scores) if score is not None and not math.isnan(score)]
         active = sorted({key for proposal in tried for key in proposal})
@@ -230,19 +254,24 @@ def select(comparison: Comparison, trials: Any) -> dict[str, Any]:
     return selection
 
 
-def _same(stored: Any, value: Any) -> bool:
+def same_value(stored: Any, value: Any) -> bool:
+    """Whether a ``trials`` cell (numpy or pandas scalar, null for an inactive key) holds ``value``."""
+    if stored is None or stored is pd.NA or (isinstance(stored, float) and math.isnan(stored)):
+        return False
     if isinstance(value, float):
-        return stored is not None and not _is_nan(stored) and math.isclose(float(stored), value, rel_tol=1e-9)
-    return stored == value
+        return math.isclose(float(stored), value, rel_tol=1e-9)
+    return bool(stored == value)
 
 
-def _is_nan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
+def same_level(column: pd.Series, level: Any) -> pd.Series:
+    """The rows of a ``trials`` column at one level of the factor (numbers compared as numbers)."""
+    return column.map(lambda stored: same_value(stored, float(level) if isinstance(level, float) else level))
 
 
 def run_stage(folder: Path, stage: str, space_text: str, search_args: list[str]) -> int:
-    """Run (or continue) one stage's study in its own process group, forwarding Ctrl-C and SIGTERM
-    once, so that the study stops the way a study stops and can be resumed."""
+    """Run (or continue) one stage's study in its own process group. Ctrl-C and SIGTERM reach this
+    process alone (not twice, through the terminal's group) and are passed on to the study, which
+    stops the way a study stops and can be resumed; a second Ctrl-C aborts it, as it would a study."""
     space_file = folder / f"{stage}.yaml"
     if not (folder / stage / "study.json").is_file():
         write_atomic_text(space_file, space_text)
@@ -270,11 +299,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (folder / PLAN).is_file():
         stored = Comparison.load(folder)
         for key, value in comparison.__dict__.items():
-            if key in ("space_file", "search_args"):  # where the file lives may change (another checkout);
-                continue  # the stages' --resume checks the study flags among search_args
+            # Not part of the design: where the space file lives (another checkout), the resources and
+            # paths among the stages' flags, and the proposals (kept as stored: an upgraded scipy may
+            # draw a different Halton sequence for the same design).
+            if key in ("space_file", "search_args", "proposals"):
+                continue
             if getattr(stored, key) != json.loads(json.dumps(value, default=str)):
                 raise UsageError(f"{folder}: started with {key} = {getattr(stored, key)}, not {value}; "
                                  "a continued comparison keeps its settings (or pick a new --name)")  # fmt: skip
+        comparison = dataclasses.replace(comparison, proposals=stored.proposals)
     selection = None
     if comparison.selected_from:
         selection = _selection_of(Path(comparison.selected_from), comparison)
@@ -296,7 +329,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_atomic_text(folder / SELECTION, json.dumps(selection, indent=2) + "\n")
     _print_selection(comparison, selection)
     points = confirm_points(comparison, selection)
+    if not points:
+        print(f"no level has a selection to confirm ({folder / SELECTION}): every tuning trial failed", flush=True)
+        return 1
     code = run_stage(folder, "confirm", stage_space(space, comparison, points, "Confirmation"), comparison.search_args)
+    if code == REFUSED and created and not (folder / "confirm").exists():
+        shutil.rmtree(folder)  # --selected-from: the confirmation was the first stage, refused at start-up
     if code:
         return _stopped("confirmation", code, again)
     print(f"report: {cli.python_command('analysis/comparison.py', folder)}")

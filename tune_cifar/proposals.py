@@ -44,9 +44,8 @@ def value_at(dist: Distribution, unit: float) -> Any:
         value = math.exp(math.log(low) + unit * (math.log(high) - math.log(low)))
     else:
         value = low + unit * (high - low)
-    if dist.kind in ("int", "logint"):
-        return min(max(round(value), low), high)
-    return float(f"{value:.3g}")
+    rounded = round(value) if dist.kind in ("int", "logint") else float(f"{value:.3g}")
+    return min(max(rounded, low), high)  # rounding never leaves the range
 
 
 def proposals(tuned: dict[str, Distribution], trials: int, seed: int) -> list[dict[str, Any]]:

@@ -76,7 +76,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument(
         "--precision",
         choices=cfg.PRECISIONS,
-        help="every trial's precision (default: the space's, else auto: bf16 where the device computes it natively)",
+        help="every trial's precision (default: the space's, else auto: the fastest, measured per node and network)",
     )
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial, also torch threads (1)")
     parser.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions share one (default 1 if any)")

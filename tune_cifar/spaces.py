@@ -525,6 +525,9 @@ def _parse_tune(
             raise fail(where, f"not a configuration key that can be tuned (known keys: {', '.join(cfg.KEYS)})")
         if key in grid:
             raise fail(where, "also in the grid; a factor's levels cannot be tuned per level")
+        parent = cfg.CONDITIONS.get(key, (None,))[0]
+        if parent in tuned_raw:
+            raise fail(where, f"its parent {parent} is tuned too; tune one of them (or make {parent} the grid)")
         tuned[key] = _distribution(key, dist, fail, where=where)
         activating = _activating(key, fixed, choices)
         if activating is None:
@@ -616,8 +619,8 @@ def _grid_values(key: str, values: Any, fail: Any, where: str | None = None) -> 
             value = cfg.format_filters(cfg.parse_filters(value))  # Optuna choices must be scalars
         if not isinstance(value, (str, int, float, bool)):
             raise fail(where, f"values must be scalars, got {value!r}")
-        if cfg.field_type(key) == "float" and isinstance(value, str):
-            value = _number(value, where, fail)
+        if cfg.field_type(key) == "float" and not isinstance(value, bool):
+            value = _number(value, where, fail)  # 0 as 0.0: the value the trials table will hold
         out.append(value)
     if len(set(map(repr, out))) != len(out):
         raise fail(where, f"repeated values in {out!r}")

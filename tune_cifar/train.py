@@ -61,7 +61,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument(
         "--precision",
         choices=cfg.PRECISIONS,
-        help="override the config's precision: auto (bf16 where the device computes it natively), fp32, bf16",
+        help="override the config's precision: auto (the fastest, measured and cached), fp32, bf16",
     )
     parser.add_argument(
         "--data", choices=("synthetic", "cifar10"), help="dataset (default synthetic, or the --from-study study's)"
