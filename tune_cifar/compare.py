@@ -105,8 +105,10 @@ class Comparison:
     proposals: dict[str, list[dict[str, Any]]]  # level (as text) -> the proposals it runs
     selected_from: str | None
     views: str  # "both" (baseline and tuned) or "tuned"
-    study_flags: dict[str, Any]  # what the stages' budget and data are (max_epochs, data, subset, ...)
     search_args: list[str]  # the flags every stage runs with (resources and paths may change on continuing)
+    # the stages' budget and data (max_epochs, data, subset, val_size, seed, precision, held keys);
+    # empty in a comparison started before it was recorded
+    study_flags: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def baseline_view(self, active: list[str]) -> dict[str, Any]:
         """The baseline's values of the tuned keys active for a level: what a one-factor grid runs."""
@@ -302,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Not part of the design: where the space file lives (another checkout), the resources and
             # paths among the stages' flags, and the proposals (kept as stored: an upgraded scipy may
             # draw a different Halton sequence for the same design).
-            if key in ("space_file", "search_args", "proposals"):
+            if key in ("space_file", "search_args", "proposals") or (key == "study_flags" and not stored.study_flags):
                 continue
             if getattr(stored, key) != json.loads(json.dumps(value, default=str)):
                 raise UsageError(f"{folder}: started with {key} = {getattr(stored, key)}, not {value}; "
