@@ -1,0 +1,246 @@
+"""How many epoch reports per second a study's driver absorbs: ``python benchmarks/driver_throughput.py``.
+
+On a GPU cluster with one-second epochs, 64 GPUs × 4 trials report 256 times a second, and every
+report passes through the driver: Ray Tune's event loop, the study's searcher and callbacks (the
+Parquet tables, W&B, the console). This drives that machinery with trials that only report (no
+training), each report a real one (a conditioned CNN's epoch row, its 18 layer rows and the trial
+summary, taken from one real epoch on synthetic data), as fast as the trials can send them, and
+prints side by side in one run, one Ray session:
+
+* results per second absorbed by the driver (results it handled ÷ the span between its first and
+  last), for each arm: ``bare`` (Ray Tune alone with a study's JSON and CSV loggers and its default
+  searcher), each of the
+  project's parts alone (``parquet``, ``console``, ``wandb`` offline, ``searcher``: TPE in SQLite),
+  and ``all``; with each arm's ratio to ``bare``;
+* for the arms that write Parquet: the lag from a report to its ``epochs`` row readable on disk
+  (a thread polls the table as a reader would; median, 95th percentile, maximum);
+* the driver-side cost of one report's write (``TrialRecord.add`` + ``write``) at epoch 1 and at
+  epoch 100 of a trial, without Ray: whether a report's cost grows with the trial's length.
+
+``--trials N --epochs R`` (default 16 × 30). Name the CPU with the figures
+(``grep -m1 'model name' /proc/cpuinfo``); the machine should be otherwise idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# As a local study starts Ray: token auth on loopback, Tune's old console, only the loggers a study adds.
+# Read when ray is imported, so set first.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from ray import tune
+
+from tune_cifar import cli
+from tune_cifar.errors import UsageError
+
+ARMS = ("bare", "parquet", "console", "wandb", "searcher", "all")
+SPACE = """
+description: the driver-throughput benchmark's trials (they only report)
+num_samples: {trials}
+max_epochs: {epochs}
+data: {{source: synthetic}}
+asha: null
+fixed: {{model: conditioned_cnn, filters: "8,16,32"}}
+params:
+  lr: {{loguniform: [1.0e-4, 1.0e-1]}}
+"""
+
+
+def real_report() -> dict[str, Any]:
+    """One epoch's report of a conditioned CNN (18 parameter tensors), as a trial sends it."""
+    from tune_cifar.config import TrainConfig
+    from tune_cifar.data import load_splits
+    from tune_cifar.engine import Trainer
+
+    trainer = Trainer(TrainConfig(filters=(8, 16, 32), batch_size=64, epochs=1, precision="fp32"),
+                      load_splits("synthetic", subset=200))  # fmt: skip
+    report = trainer.train_epoch()
+    report.trial = trainer.summary()
+    return report.to_result()
+
+
+def reporter(config: dict[str, Any], template: dict[str, Any], epochs: int, times_dir: str) -> None:
+    """A trial that reports ``epochs`` copies of ``template`` (epoch numbers set) and nothing else."""
+    sent = []
+    for epoch in range(1, epochs + 1):
+        result = {**template, "epoch": epoch, "val_acc": 0.1 + 0.8 * epoch / epochs}
+        result["layers"] = [{**row, "epoch": epoch} for row in template["layers"]]
+        sent.append(time.time())
+        tune.report(result)
+    trial_id = tune.get_context().get_trial_id()
+    Path(times_dir, f"{trial_id}.json").write_text(json.dumps(sent))
+
+
+class Watcher(threading.Thread):
+    """Polls a study's ``epochs`` table as a reader would; remembers when each (trial, epoch) appeared."""
+
+    def __init__(self, folder: Path):
+        super().__init__(daemon=True)
+        self.folder = folder
+        self.seen: dict[tuple[str, int], float] = {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        import pyarrow.parquet as pq
+
+        while not self.done.is_set():
+            for part in (self.folder / "epochs").glob("*.parquet") if (self.folder / "epochs").is_dir() else []:
+                try:
+                    table = pq.read_table(part, columns=["trial_id", "epoch"]).to_pydict()
+                except (OSError, ValueError):
+                    continue  # replaced under us: read it next time
+                now = time.time()
+                for key in zip(table["trial_id"], table["epoch"], strict=True):
+                    self.seen.setdefault(key, now)
+            time.sleep(0.05)
+
+
+class ResultClock(tune.Callback):
+    """Notes when the driver handled each result: the rate it absorbs them at."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.times.append(time.time())
+
+
+def run_arm(arm: str, args: Any, template_ref: Any, root: Path) -> dict[str, Any]:
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from tune_cifar import searcher as searchers
+    from tune_cifar import spaces
+    from tune_cifar.console_callback import ConsoleCallback
+    from tune_cifar.parquet_callback import ParquetCallback
+    from tune_cifar.study_folder import StudyContext
+    from tune_cifar.wandb_callback import WandbCallback
+
+    folder = root / arm
+    times_dir = root / f"{arm}-times"
+    folder.mkdir()
+    times_dir.mkdir()
+    space_file = root / f"{arm}.yaml"
+    space_file.write_text(SPACE.format(trials=args.trials, epochs=args.epochs))
+    study = StudyContext.open(folder, arm, args.trials)
+    counter = ResultClock()
+    callbacks: list[Any] = [counter, JsonLoggerCallback(), CSVLoggerCallback()]  # a study's two loggers
+    if arm in ("parquet", "all"):
+        callbacks.append(ParquetCallback(study))
+    if arm in ("wandb", "all"):
+        callbacks.append(WandbCallback(study, "offline"))
+    if arm in ("console", "all"):
+        callbacks.append(ConsoleCallback(study, args.epochs, interval_s=5.0))
+    search = None
+    if arm in ("searcher", "all"):
+        search = searchers.StudyTrials(searchers.StudySearch(spaces.load(space_file), study))
+    watcher = Watcher(folder)
+    watcher.start()
+    trainable = tune.with_parameters(reporter, template=template_ref, epochs=args.epochs, times_dir=str(times_dir))
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 0.05}),
+        # what the callbacks read off a trial's config (the searcher's trials get it from the space)
+        param_space={} if search else {"lr": tune.loguniform(1e-4, 1e-1), "epochs": args.epochs},
+        tune_config=tune.TuneConfig(
+            metric="val_acc", mode="max", num_samples=args.trials, search_alg=search, max_concurrent_trials=args.trials
+        ),
+        run_config=tune.RunConfig(name=arm, storage_path=str(root / "ray"), callbacks=callbacks, verbose=0),
+    )
+    tuner.fit()
+    time.sleep(1.0)  # the watcher's last look
+    watcher.done.set()
+    watcher.join()
+    handled = counter.times
+    rate = (len(handled) - 1) / (handled[-1] - handled[0]) if len(handled) > 1 else float("nan")
+    lags = []
+    for times_file in times_dir.glob("*.json"):
+        trial_id = times_file.stem
+        for epoch, sent in enumerate(json.loads(times_file.read_text()), start=1):
+            if (trial_id, epoch) in watcher.seen:
+                lags.append(watcher.seen[(trial_id, epoch)] - sent)
+    return {"arm": arm, "results": len(handled), "rate": rate, "lags": lags}
+
+
+def report_cost(template: dict[str, Any], root: Path, repeats: int = 20) -> dict[int, float]:
+    """Median seconds of TrialRecord.add + write for one report at epoch 1 and at epoch 100."""
+    from tune_cifar.report import EpochReport
+    from tune_cifar.tables import TrialRecord
+
+    costs = {}
+    for at in (1, 100):
+        record = TrialRecord("cost")
+        for epoch in range(1, at):
+            record.add("epochs", [{**template_epoch(template), "epoch": epoch}])
+            record.add("layers", [{**row, "epoch": epoch} for row in template["layers"]])
+        seconds = []
+        for _ in range(repeats):
+            report = EpochReport.from_result({**template, "epoch": at})
+            started = time.perf_counter()
+            record.add("epochs", [report.epoch])
+            record.add("layers", [{**row, "epoch": at} for row in report.layers])
+            record.trial = dict(report.trial)
+            record.write(root / f"cost-{at}")
+            seconds.append(time.perf_counter() - started)
+        costs[at] = statistics.median(seconds)
+    return costs
+
+
+def template_epoch(template: dict[str, Any]) -> dict[str, Any]:
+    from tune_cifar.report import EPOCH_COLUMNS
+
+    return {key: template.get(key) for key in EPOCH_COLUMNS}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=16, help="trials at once (default 16)")
+    parser.add_argument("--epochs", type=int, default=30, help="reports per trial (default 30)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="which arms (default all)")
+    args = parser.parse_args(argv)
+    if args.trials < 1 or args.epochs < 2:
+        raise UsageError("--trials must be at least 1 and --epochs at least 2")
+    import ray
+
+    template = real_report()
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    template_ref = ray.put(template)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="driver-throughput-") as tmp:
+        root = Path(tmp)
+        os.environ["WANDB_DIR"] = str(root)
+        for arm in args.arms:
+            results.append(run_arm(arm, args, template_ref, root))
+            print(f"  {arm}: {results[-1]['results']} results handled", file=sys.stderr, flush=True)
+        costs = report_cost(template, root)
+    ray.shutdown()
+    bare = next((r["rate"] for r in results if r["arm"] == "bare"), float("nan"))
+    print(f"{args.trials} trials × {args.epochs} reports, each a real report (epoch row, 18 layer rows, summary)")
+    print("| arm | results/s absorbed | × bare | report → row on disk: median / p95 / max (s) |")
+    print("| --- | --- | --- | --- |")
+    for r in results:
+        lags = sorted(r["lags"])
+        lag = (f"{statistics.median(lags):.2f} / {lags[int(0.95 * (len(lags) - 1))]:.2f} / {lags[-1]:.2f}"
+               if lags else "–")  # fmt: skip
+        print(f"| {r['arm']} | {r['rate']:.0f} | {r['rate'] / bare:.2f} | {lag} |")
+    print(f"one report's TrialRecord.add + write: {1000 * costs[1]:.1f} ms at epoch 1, "
+          f"{1000 * costs[100]:.1f} ms at epoch 100 ({costs[100] / costs[1]:.2f}×)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
