@@ -37,6 +37,7 @@ from tune_cifar import cli
 from tune_cifar.analysis import bn_landscape, comparison, rankings, search_views
 from tune_cifar.analysis._study import REFERENCE_TEST_ACC, Study, budget, fmt, load_study, markdown_table, pct, save
 from tune_cifar.errors import UsageError
+from tune_cifar.machine import cpu_model
 from tune_cifar.outcome import count_words
 from tune_cifar.tables import outcome_counts, read_table, write_atomic_text
 
@@ -60,15 +61,7 @@ DATA_NOTE = (
 
 def machine() -> str:
     """This machine in one line: CPU model, cores, Python."""
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
 
 
 def wall(study: Study) -> float:

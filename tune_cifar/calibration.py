@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from tune_cifar.config import TrainConfig
+from tune_cifar.machine import cpu_model
 from tune_cifar.precision import autocast, cpu_has_native_bf16, resolve
 
 CACHE_VERSION = 1
@@ -103,15 +104,7 @@ def device_name(device: torch.device) -> str:
     """The device as a speed-relevant name: the GPU's model, or the CPU's model and torch's threads."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def cache_key(config: TrainConfig, device: torch.device) -> str:
