@@ -8,7 +8,7 @@
 #   analysis/make_results.sh DATA_DIR [STUDIES_DIR] [CHUNK]      (make results DATA_DIR=... [CHUNK=n])
 #
 #   chunk  what                                                               wall time, 2-core CPU
-#   1      optimizer: each level tuned (8 lr values) and confirmed (5 seeds)  measured in RESULTS.md
+#   1      optimizer: each level tuned (8 lr values) and confirmed (5 seeds)  CHUNK1_WALL
 #   2      scheduler, the same protocol                                        about the same as 1
 #   3      loss and activation, the same protocol                              about 1.8x chunk 1
 #   4      optimizer at 45,000 images x 10 epochs, the tuned lr, 3 seeds        about 2.5 h (12 runs)

@@ -68,12 +68,19 @@ def wall(study: Study) -> float:
     return float(study.trials["wall_s"].sum())
 
 
-def comparison_rows(studies: Path, name: str, comparisons: Path, link: str) -> tuple[list[str], pd.DataFrame] | None:
+def comparison_rows(
+    studies: Path, name: str, comparisons: Path, link: str
+) -> tuple[list[str], pd.DataFrame | None] | None:
     """A comparison's report and CSV rows: regenerated into ``comparisons`` from its Parquet tables when
-    its folder is in ``studies``, else the ones a previous regeneration wrote there (None: never run)."""
+    its folder is in ``studies``, else the ones a previous regeneration wrote there (None: never run).
+    A folder whose run has not finished is said to be in progress (no rows), never shown half-done
+    or replaced by an older report."""
     folder = studies / name
-    if (folder / "confirm" / "trials").is_dir():
-        text, rows = comparison.report(folder, comparisons)
+    if folder.is_dir():
+        try:
+            text, rows = comparison.report(folder, comparisons)
+        except UsageError as exc:
+            return [f"In progress, not reported: {exc}."], None
         write_atomic_text(comparisons / f"{name}.md", text + "\n")
         write_atomic_text(comparisons / f"{name}.csv", rows.to_csv(index=False, float_format="%.4g"))
     md, csv = comparisons / f"{name}.md", comparisons / f"{name}.csv"
@@ -131,6 +138,9 @@ def factor_section(studies: Path, figures: Path, link: str) -> tuple[list[str], 
             parts += [f"### {factor}", "", f"Not run yet (`make results DATA_DIR=... CHUNK={chunk}`).", ""]
             continue
         lines, rows = found
+        if rows is None:
+            parts += [f"### {factor}", "", *lines, ""]
+            continue
         parts += [*lines, report_line(factor, rows), ""]
         tables.append(rows)
         if factor == "optimizer":
@@ -146,6 +156,8 @@ def large_budget(
     if found is None:
         return ["### optimizer at a larger budget", "", "Not run yet (`make results DATA_DIR=... CHUNK=4`).", ""]
     lines, rows = found
+    if rows is None:
+        return ["### optimizer at a larger budget", "", *lines, ""]
     tables.append(rows)
     before, after = ordering(small, "tuned"), ordering(rows, "tuned")
     verdict = "holds" if before == after else f"changes ({agreement_line(after, before)})"
@@ -328,8 +340,9 @@ def write(studies: Path, out: Path, figures: Path) -> Path:
     figures.mkdir(parents=True, exist_ok=True)
     link = os.path.relpath(figures, out.parent)
     factors, tables = factor_section(studies, figures, link)
-    tuned_here = any((studies / name / "trials").is_dir() for name in ("full", "retrain_tuned", "retrain_hand"))
-    bn_here = any((studies / name / "steps").is_dir() for name in ("bn_adam", "bn_sgd"))
+    # a section is rebuilt only from all of its folders: a partial rebuild would replace kept results with "not run"
+    tuned_here = all((studies / name / "trials").is_dir() for name in ("full", "retrain_tuned", "retrain_hand"))
+    bn_here = all((studies / name / "steps").is_dir() for name in ("bn_adam", "bn_sgd"))
     if not tables and not tuned_here and not bn_here and not (figures / "sections").is_dir():
         raise UsageError(f"{studies}: no study folders (run analysis/make_results.sh DATA_DIR {studies} first)")
     if tables:

@@ -117,6 +117,24 @@ def test_the_trainer_computes_in_the_precision_it_reports(precision: str) -> Non
     assert trainer.summary()["precision"] == precision
 
 
+def test_a_restored_trainer_keeps_the_precision_and_layout_it_started_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    splits = load_splits("synthetic", subset=200)
+    first = Trainer(SMALL, splits)
+    state = first.state_dict()
+    other = not first.computing.channels_last
+    state["computing"] = {**state["computing"], "channels_last": other, "precision": "fp32"}
+    restored = Trainer(SMALL, splits)  # this node's (cached) choice ...
+    restored.load_state_dict(state)  # ... gives way to the checkpoint's
+    assert (restored.precision, restored.computing.channels_last) == ("fp32", other)
+    conv = next(p for p in restored.model.parameters() if p.ndim == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last if other else torch.contiguous_format)
+    restored.train_epoch()
+    assert restored.summary()["channels_last"] is other
+
+
 def test_train_records_what_auto_chose_and_measured(tmp_path: Path) -> None:
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     outs = []

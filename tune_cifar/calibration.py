@@ -53,7 +53,7 @@ class Choice:
         return variant_label(self.precision, self.channels_last)
 
     def rates_text(self) -> str:
-        """``fp32 812, bf16 640, fp32+cl 903, bf16+cl 700 img/s``; empty for an explicit choice."""
+        """``fp32 812, fp32+cl 903, bf16 640, bf16+cl 700 img/s``; empty for an explicit choice."""
         return ", ".join(f"{name} {rate:.0f}" for name, rate in self.rates.items()) + " img/s" if self.rates else ""
 
     def describe(self) -> str:
@@ -88,7 +88,7 @@ def choose(config: TrainConfig, device: torch.device, cache_dir: Path | None = N
 
 
 def _precisions(device: torch.device) -> list[str]:
-    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+    native = torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" else cpu_has_native_bf16()
     return ["fp32", "bf16"] if native else ["fp32"]
 
 
@@ -123,7 +123,12 @@ def read_cache(path: Path) -> dict[str, Any]:
             raise ValueError("not a tune-cifar precision cache of this version")
         entries = data["entries"]
         for entry in entries.values():
-            if entry["precision"] not in ("fp32", "bf16") or not isinstance(entry["channels_last"], bool):
+            rates = entry["rates"]
+            if (
+                entry["precision"] not in ("fp32", "bf16")
+                or not isinstance(entry["channels_last"], bool)
+                or not all(isinstance(rate, (int, float)) for rate in rates.values())
+            ):
                 raise ValueError(f"bad entry {entry!r}")
     except (OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
         print(f"warning: ignoring the precision cache {path} ({exc}); measuring again", file=sys.stderr)
@@ -139,7 +144,7 @@ def _write_cache(path: Path, entries: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic_text(path, json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1) + "\n")
     except OSError as exc:
-        print(f"warning: cannot write the precision cache {path} ({exc.strerror})", file=sys.stderr)
+        print(f"warning: cannot write the precision cache {path} ({exc.strerror or exc})", file=sys.stderr)
 
 
 def measure(config: TrainConfig, device: torch.device, candidates: list[tuple[str, bool]]) -> dict[str, float]:
@@ -157,6 +162,7 @@ def measure(config: TrainConfig, device: torch.device, candidates: list[tuple[st
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
         runs.append((precision, channels_last, model, optimizer))
     times: dict[str, list[float]] = {variant_label(p, cl): [] for p, cl, _, _ in runs}
+    images = images.contiguous(memory_format=_layout(device.type == "cuda"))  # as DeviceLoader feeds them
     for round_ in range(TIMED_STEPS + 1):
         for precision, channels_last, model, optimizer in runs:
             seconds = _step(model, optimizer, loss_fn, images, labels, device, precision)

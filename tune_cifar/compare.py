@@ -147,6 +147,7 @@ def plan(args: Any, forwarded: list[str]) -> tuple[Comparison, spaces.Space]:
             "train levels in different precisions; give --precision fp32 or bf16"
         )
     stage = search.parse_args([*forwarded, "--space", str(space.path)])  # the stages' flags, checked now
+    spaces.check_max_epochs(space, stage.max_epochs or space.max_epochs, held)
     study_flags = {flag: getattr(stage, flag) for flag in ("max_epochs", "data", "subset", "val_size", "seed")}
     trials = args.tuning_trials or space.tune.trials
     seeds = args.confirm_seeds or space.tune.seeds
@@ -304,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Not part of the design: where the space file lives (another checkout), the resources and
             # paths among the stages' flags, and the proposals (kept as stored: an upgraded scipy may
             # draw a different Halton sequence for the same design).
-            if key in ("space_file", "search_args", "proposals") or (key == "study_flags" and not stored.study_flags):
+            moved = ("space_file", "selected_from", "search_args", "proposals")  # selected_from: by its selection
+            if key in moved or (key == "study_flags" and not stored.study_flags):
                 continue
             if getattr(stored, key) != json.loads(json.dumps(value, default=str)):
                 raise UsageError(f"{folder}: started with {key} = {getattr(stored, key)}, not {value}; "

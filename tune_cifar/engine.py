@@ -12,6 +12,7 @@ compared across trials; the training loss column is the objective actually minim
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
+from tune_cifar.calibration import Choice
 from tune_cifar.calibration import choose as choose_precision
 from tune_cifar.config import TrainConfig
 from tune_cifar.data import DeviceLoader, Splits
@@ -45,7 +47,7 @@ class Trainer:
         self.splits = splits
         self.device = torch.device(device)
         # auto measured (or cached) before seeding: the calibration's random draws never reach the trial
-        self.computing = choose_precision(config, self.device)
+        self.computing: Choice = choose_precision(config, self.device)
         self.precision = self.computing.precision  # fp32 or bf16, never auto
         self.autocast = autocast(self.device, self.precision)
         torch.manual_seed(config.seed)
@@ -267,6 +269,16 @@ class Trainer:
         return dict(zip(("probe_loss_min", "probe_loss_max", "probe_grad_change", "probe_beta"), stats, strict=True))
 
     # -- checkpoints -------------------------------------------------------------------------
+    def _compute_as(self, choice: Choice) -> None:
+        """Train in ``choice``'s precision and memory layout from now on."""
+        self.computing = choice
+        self.precision = choice.precision
+        self.autocast = autocast(self.device, self.precision)
+        layout = torch.channels_last if choice.channels_last else torch.contiguous_format
+        for module in (self.model, self.swa_model):
+            if module is not None:
+                module.to(memory_format=layout)
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue identically: weights, optimizer, schedule, telemetry, RNG."""
         return {
@@ -280,11 +292,14 @@ class Trainer:
             "step": self.step,
             "history": self.history,
             "layer_health": self.layer_health,
+            "computing": dataclasses.asdict(self.computing),  # a restored trial keeps its precision and layout
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "computing" in state:  # whatever this node would choose: one trial, one arithmetic
+            self._compute_as(Choice(**state["computing"]))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])

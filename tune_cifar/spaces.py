@@ -231,6 +231,7 @@ def check_max_epochs(space: Space, max_epochs: int, held: dict[str, Any] | None 
     raw["fixed"] = {**(raw.get("fixed") or {}), **held}
     if held.keys() & set(space.grid):
         raw.pop("num_samples", None)  # the grid is smaller now
+        raw.pop("tune", None)  # compare's section, about the full grid; search runs the grid alone
     try:
         _parse(space.path, raw)
     except UsageError as exc:
@@ -516,6 +517,10 @@ def _parse_tune(
     tuned_raw = _mapping(spec.get("params"), "tune.params", fail)
     if not tuned_raw:
         raise fail("tune.params", "name at least one key to tune per level")
+    (factor,) = grid
+    factor_parent = cfg.CONDITIONS.get(factor, (None,))[0]
+    if factor_parent in tuned_raw:
+        raise fail(f"tune.params.{factor_parent}", f"the grid's {factor} depends on it; tune it elsewhere or vary it")
     tuned = {}
     choices = dict(grid)
     base = {**fixed, "epochs": max_epochs}
