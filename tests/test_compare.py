@@ -167,6 +167,7 @@ def test_report_has_both_views_with_budgets_and_the_csv_rows(compared: Path, tmp
 def test_results_md_takes_the_comparison_and_keeps_it_when_the_folder_is_gone(compared: Path, tmp_path: Path) -> None:
     studies, figures, out = tmp_path / "studies", tmp_path / "fig", tmp_path / "RESULTS.md"
     shutil.copytree(compared, studies / "fair_optimizers")
+    shutil.copytree(compared, studies / "fair_losses", ignore=shutil.ignore_patterns("confirm"))  # stopped mid-way
     command = [sys.executable, "analysis/results.py", str(studies), "--out", str(out), "--figures", str(figures)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -176,6 +177,7 @@ def test_results_md_takes_the_comparison_and_keeps_it_when_the_folder_is_gone(co
     assert (figures / "comparisons" / "fair_optimizers_expected_best.png").is_file()
     assert "The report (test accuracy, single runs" in first and "tuned view" in first
     assert "### scheduler\n\nNot run yet (`make results DATA_DIR=... CHUNK=2`)" in first
+    assert "### loss\n\nIn progress, not reported: " in first and "no confirmation stage yet" in first
     assert "### optimizer at a larger budget\n\nNot run yet" in first
     table = pd.read_csv(figures / "factor_tables.csv")
     assert len(table) == 4 and set(table["factor"]) == {"optimizer"}
