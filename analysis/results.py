@@ -52,6 +52,8 @@ REPORTED = {
 FAIR = {"optimizer": ("fair_optimizers", 1), "scheduler": ("fair_schedulers", 2), "loss": ("fair_losses", 3),
         "activation": ("fair_activations", 3)}  # fmt: skip
 LARGE = "fair_optimizers_large"  # the optimizer comparison at 45,000 images x 10 epochs
+TUNED_FOLDERS = ("full", "retrain_tuned", "retrain_hand")  # section 2
+BN_FOLDERS = ("bn_adam", "bn_sgd")  # section 3
 GOAL_POINTS = 1.5  # the tuned configuration should beat the hand-tuned one by this many test points
 DATA_NOTE = (
     "CIFAR-10 from the offline copy in `../shared/data/cifar10` (all 60,000 images with the official labels; "
@@ -341,9 +343,11 @@ def write(studies: Path, out: Path, figures: Path) -> Path:
     link = os.path.relpath(figures, out.parent)
     factors, tables = factor_section(studies, figures, link)
     # a section is rebuilt only from all of its folders: a partial rebuild would replace kept results with "not run"
-    tuned_here = all((studies / name / "trials").is_dir() for name in ("full", "retrain_tuned", "retrain_hand"))
-    bn_here = all((studies / name / "steps").is_dir() for name in ("bn_adam", "bn_sgd"))
-    if not tables and not tuned_here and not bn_here and not (figures / "sections").is_dir():
+    tuned_here = all((studies / name / "trials").is_dir() for name in TUNED_FOLDERS)
+    bn_here = all((studies / name / "steps").is_dir() for name in BN_FOLDERS)
+    known = [*(name for name, _ in FAIR.values()), LARGE, *TUNED_FOLDERS, *BN_FOLDERS]
+    kept = [figures / "sections", figures / "comparisons"]
+    if not any((studies / name).is_dir() for name in known) and not any(any(k.glob("*.md")) for k in kept):
         raise UsageError(f"{studies}: no study folders (run analysis/make_results.sh DATA_DIR {studies} first)")
     if tables:
         csv = pd.concat(tables, ignore_index=True)
