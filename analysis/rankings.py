@@ -38,12 +38,17 @@ def budget_rankings(study: Study) -> tuple[pd.DataFrame, list[str]]:
     rungs = study.plan.rungs
     compared = [e for e in (rungs or range(1, full)) if e in reached.columns]
     agreement = rank_agreement(reached[compared], final)
+    # The better half alone: a wide range (diverging learning rates beside good ones) makes any ranking
+    # agree; whether the early epochs also order the contenders is the harder question.
+    top = final.nlargest(len(final) // 2).index
+    contenders = rank_agreement(reached.loc[top, compared], final[top])
     shown = pd.DataFrame(
         {
             "rung" if rungs else "epoch": agreement["epoch"],
             "trials": agreement["trials"],
             "Spearman ρ with the final ranking": agreement["spearman"].map(lambda v: f"{v:.2f}"),
             "Kendall τ": agreement["kendall"].map(lambda v: f"{v:.2f}"),
+            f"ρ among the better half ({len(top)})": contenders["spearman"].map(lambda v: f"{v:.2f}"),
         }
     )
     lines = [markdown_table(shown), ""]
