@@ -61,7 +61,7 @@ class LevelView:
 
     @property
     def spread(self) -> Spread:
-        return spread(list(self.by_seed.values()))
+        return spread([self.by_seed[seed] for seed in sorted(self.by_seed)])  # in seed order: same runs, same CI
 
 
 def views(comparison: Comparison, selection: dict[str, Any], confirm: Study) -> list[LevelView]:
@@ -163,6 +163,22 @@ def views_table(comparison: Comparison, found: list[LevelView], judged: dict) ->
             )
         rows.append(row)
     return markdown_table(pd.DataFrame(rows).fillna("–"))
+
+
+def identical_levels(found: list[LevelView]) -> list[str]:
+    """Levels whose runs in a view are identical seed for seed: at this budget the choice never changed
+    training (a plateau schedule that never fired is no schedule), so their tie is not evidence."""
+    lines = []
+    for view in VIEWS:
+        groups: dict[tuple[tuple[int, float], ...], list[str]] = {}
+        for lv in found:
+            if lv.view == view and lv.by_seed:
+                groups.setdefault(tuple(sorted(lv.by_seed.items())), []).append(str(lv.level))
+        same = [" = ".join(levels) for levels in groups.values() if len(levels) > 1]
+        if same:
+            lines.append(f"Identical runs seed for seed in the {view} view: {'; '.join(same)} (at this budget the "
+                         "choice never changed training).")  # fmt: skip
+    return [*lines, ""] if lines else []
 
 
 def tuning_gain(comparison: Comparison, found: list[LevelView]) -> list[str]:
@@ -300,6 +316,7 @@ def report(folder: Path, out: Path) -> tuple[str, pd.DataFrame]:
         "",
         views_table(comparison, found, judged),
         "",
+        *identical_levels(found),
         *tuning_gain(comparison, found),
     ]
     if tuning is not None and not comparison.selected_from:

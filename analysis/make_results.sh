@@ -7,12 +7,13 @@
 #
 #   analysis/make_results.sh DATA_DIR [STUDIES_DIR] [CHUNK]      (make results DATA_DIR=... [CHUNK=n])
 #
-#   chunk  what                                                               wall time, 2-core CPU
-#   1      optimizer: each level tuned (8 lr values) and confirmed (5 seeds)  CHUNK1_WALL
-#   2      scheduler, the same protocol                                        about the same as 1
-#   3      loss and activation, the same protocol                              about 1.8x chunk 1
-#   4      optimizer at 45,000 images x 10 epochs, the tuned lr, 3 seeds        about 2.5 h (12 runs)
-#   5      tuned (TPE + ASHA) against hand-tuned; the BN landscape (VGG-A)     about 2 h
+#   chunk  what                                                               wall time, 2-core Intel Xeon
+#   1      optimizer: each level tuned (8 lr values) and confirmed (5 seeds)  62 min (measured 2026-12-01)
+#   2      scheduler, the same protocol                                        56 min (measured 2026-12-01)
+#   3      loss and activation, the same protocol                              about 1 h 50 min (estimated)
+#   4      optimizer at 45,000 images x 10 epochs, the tuned lr, 3 seeds        about 1 h (estimated, 12 runs)
+#   5      tuned (TPE + ASHA) against hand-tuned; the BN landscape (VGG-A)     about 2 h (estimated)
+#   (measured with other work on the machine part of the time: 72 runs of 9,000 images x 5 epochs each)
 #   all    1 to 5 in order (the default), then RESULTS.md
 #
 # The small budget, the same for every accuracy it compares: 9,000 training images x 5 epochs, validated

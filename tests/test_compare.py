@@ -406,3 +406,17 @@ def test_points_must_set_every_active_key_and_no_inactive_one(tmp_path: Path) ->
         load([{"optimizer": "adam"}, {"optimizer": "adam"}])
     with pytest.raises(UsageError, match="--set optimizer"):
         spaces.hold(space, {"optimizer": "sgd"})
+
+
+def test_levels_identical_seed_for_seed_are_named() -> None:
+    from tune_cifar.analysis.comparison import LevelView, identical_levels
+
+    runs = {1: 0.51, 2: 0.52}
+    found = [
+        LevelView("none", "baseline", {"lr": 0.002}, dict(runs)),
+        LevelView("plateau", "baseline", {"lr": 0.002}, dict(reversed(list(runs.items())))),
+        LevelView("step", "baseline", {"lr": 0.002}, {1: 0.49, 2: 0.50}),
+    ]
+    assert identical_levels(found)[0].startswith("Identical runs seed for seed in the baseline view: none = plateau")
+    assert found[0].spread == found[1].spread  # the same runs in another order: the same interval
+    assert identical_levels(found[1:]) == []
