@@ -35,6 +35,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from tune_cifar import cli
+from tune_cifar import config as cfg
 from tune_cifar.analysis._study import Study, budget, fmt, load_study, markdown_table, save
 from tune_cifar.analysis.rankings import budget_rankings
 from tune_cifar.analysis.stats import Spread, expected_best, paired_difference, spread
@@ -163,6 +164,17 @@ def views_table(comparison: Comparison, found: list[LevelView], judged: dict) ->
             )
         rows.append(row)
     return markdown_table(pd.DataFrame(rows).fillna("–"))
+
+
+def level_settings(trials: pd.DataFrame, factor: str, tuned: dict[str, Any]) -> str:
+    """`` Settings only some levels use: step: step_size=2, gamma=0.1.``: the fixed keys a level switches on."""
+    children = [key for key, (parent, _) in cfg.CONDITIONS.items() if parent == factor and key not in tuned]
+    described = []
+    for level, group in trials.groupby(factor):
+        used = [f"{key}={fmt(group[key].dropna().iloc[0])}" for key in children if group[key].notna().any()]
+        if used:
+            described.append(f"{level}: {', '.join(used)}")
+    return f" Settings only some levels use: {'; '.join(described)}." if described else ""
 
 
 def identical_levels(found: list[LevelView]) -> list[str]:
@@ -312,7 +324,8 @@ def report(folder: Path, out: Path) -> tuple[str, pd.DataFrame]:
         'each level\'s selection. Intervals: bootstrap 95% of the mean; "vs best": the difference to the '
         "view's best level, paired by seed, with Student's t 95% interval (over 5 seeds a percentile bootstrap "
         "of a difference covers only about 85-90% and would call too few ties); an interval that reaches zero is a "
-        "tie. A seed that diverged or failed is left out of its level's figures (the seeds column counts them).",
+        "tie. A seed that diverged or failed is left out of its level's figures (the seeds column counts them)."
+        + level_settings(confirm.trials, comparison.factor, comparison.tuned),
         "",
         views_table(comparison, found, judged),
         "",
