@@ -100,6 +100,25 @@ def test_thop_counts_scale_with_filter_widths():
     assert 2 < wide / narrow < 4.5  # conv MACs grow ~4x with width, the fixed-size head less
 
 
+def test_thop_profiles_each_architecture_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that runs many trials counts MACs once per architecture: later trials of the same
+    network get the same count without THOP running again (a spy around the real thop.profile)."""
+    import thop
+
+    from tune_cifar import telemetry
+
+    calls = []
+    real = thop.profile
+    monkeypatch.setattr(thop, "profile", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(telemetry, "_MACS", {})
+    config = TrainConfig(filters=(8, 16, 32))
+    first = count_macs(build_model(config))
+    again = count_macs(build_model(TrainConfig(filters=(8, 16, 32), lr=0.5, seed=3)))  # same network, new trial
+    assert again == first and len(calls) == 1
+    other = count_macs(build_model(TrainConfig(filters=(8, 16, 32), batchnorm=False)))
+    assert len(calls) == 2 and other[0] != first[0]
+
+
 def test_rows_carry_forward_order_and_tensor_kind():
     """Analysis orders layers and judges vanishing from these columns alone, without torch."""
     model = build_model(TrainConfig(filters=(8, 16, 32)))
