@@ -162,13 +162,33 @@ def large_budget(
         return ["### optimizer at a larger budget", "", *lines, ""]
     tables.append(rows)
     before, after = ordering(small, "tuned"), ordering(rows, "tuned")
-    verdict = "holds" if before == after else f"changes ({agreement_line(after, before)})"
+    order = "the same order" if before == after else agreement_line(after, before)
     return [
         *(line.replace("### optimizer", "### optimizer at a larger budget", 1) for line in lines),
-        f"Ordering of the tuned view: {' > '.join(after)} here, {' > '.join(before)} at the small budget: the "
-        f"ordering {verdict}.",
+        f"Ordering of the tuned view by mean: {' > '.join(after)} here, {' > '.join(before)} at the small budget "
+        f"({order}). {choice_line(small, rows)}",
         "",
     ]
+
+
+def choice_line(small: pd.DataFrame, large: pd.DataFrame) -> str:
+    """Whether the small budget's choice survives the larger one: what each budget calls the best
+    level and which levels it cannot tell from it (paired by seed), tuned view."""
+
+    def verdicts(rows: pd.DataFrame) -> dict[str, str]:
+        tuned = rows[rows["view"] == "tuned"]
+        return {str(level): str(verdict) for level, verdict in zip(tuned["level"], tuned["verdict"], strict=True)}
+
+    before, after = verdicts(small), verdicts(large)
+    chosen = next(level for level, verdict in before.items() if verdict == "best")
+    best = next(level for level, verdict in after.items() if verdict == "best")
+    tied = [level for level, verdict in after.items() if verdict.startswith("tied")]
+    holds = after.get(chosen) in ("best", "tied with the best")
+    return (
+        f"The small budget's choice, {chosen}, is {after.get(chosen, 'not run')} here (best: {best}"
+        f"{'; tied with it: ' + ', '.join(tied) if tied else ''}): the choice {'holds' if holds else 'does not hold'} "
+        "at this budget."
+    )
 
 
 def retrain_summary(folder: Path) -> dict[str, Any] | None:

@@ -420,3 +420,20 @@ def test_levels_identical_seed_for_seed_are_named() -> None:
     assert identical_levels(found)[0].startswith("Identical runs seed for seed in the baseline view: none = plateau")
     assert found[0].spread == found[1].spread  # the same runs in another order: the same interval
     assert identical_levels(found[1:]) == []
+
+
+def test_the_larger_budget_says_whether_the_small_budgets_choice_holds() -> None:
+    """The choice holds when the small budget's best is best or tied with the best at the larger
+    budget (paired verdicts), and not when it falls below; the mean order alone decides nothing."""
+    from tune_cifar.analysis.results import choice_line
+
+    def rows(verdicts: dict[str, str]) -> pd.DataFrame:
+        return pd.DataFrame({"level": list(verdicts), "view": "tuned", "verdict": list(verdicts.values())})
+
+    small = rows({"adam": "below the best", "sign_sgd": "best", "sgd": "below the best"})
+    tied = choice_line(small, rows({"adam": "best", "sign_sgd": "tied with the best", "sgd": "below the best"}))
+    assert (
+        tied.endswith("the choice holds at this budget.") and "sign_sgd, is tied with the best here (best: adam" in tied
+    )
+    below = choice_line(small, rows({"adam": "best", "sign_sgd": "below the best", "sgd": "tied with the best"}))
+    assert below.endswith("does not hold at this budget.") and "tied with it: sgd" in below

@@ -321,10 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_atomic_text(folder / PLAN, comparison.to_json())
     again = cli.python_command("-m", "tune_cifar.compare", *(argv if argv is not None else sys.argv[1:]))
     if selection is None:
-        code = run_stage(folder, "tuning", stage_space(space, comparison, tuning_points(comparison), "Tuning"),
-                         comparison.search_args)  # fmt: skip
-        if code == REFUSED and created and not (folder / "tuning").exists():
-            shutil.rmtree(folder)  # refused before any trial (the study said why): leave nothing behind
+        tuning = stage_space(space, comparison, tuning_points(comparison), "Tuning")
+        code = _first_or_next_stage(folder, "tuning", tuning, comparison, created)
         if code:
             return _stopped("tuning", code, again)
         from tune_cifar.tables import read_table
@@ -336,13 +334,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not points:
         print(f"no level has a selection to confirm ({folder / SELECTION}): every tuning trial failed", flush=True)
         return 1
-    code = run_stage(folder, "confirm", stage_space(space, comparison, points, "Confirmation"), comparison.search_args)
-    if code == REFUSED and created and not (folder / "confirm").exists():
-        shutil.rmtree(folder)  # --selected-from: the confirmation was the first stage, refused at start-up
+    code = _first_or_next_stage(folder, "confirm", stage_space(space, comparison, points, "Confirmation"), comparison,
+                                created)  # fmt: skip
     if code:
         return _stopped("confirmation", code, again)
     print(f"report: {cli.python_command('analysis/comparison.py', folder)}")
     return 0
+
+
+def _first_or_next_stage(folder: Path, stage: str, space_text: str, comparison: Comparison, created: bool) -> int:
+    """:func:`run_stage`; a comparison this command created whose stage was refused at start-up (the
+    study said why, before any trial) is removed whole: bad input leaves nothing behind."""
+    code = run_stage(folder, stage, space_text, comparison.search_args)
+    if code == REFUSED and created and not (folder / stage).exists():
+        shutil.rmtree(folder)
+    return code
 
 
 def _stopped(stage: str, code: int, again: str) -> int:
