@@ -14,8 +14,8 @@ prints side by side in one run, one Ray session:
   and ``all``; with each arm's ratio to ``bare``;
 * for the arms that write Parquet: the lag from a report to its ``epochs`` row readable on disk
   (a thread polls the table as a reader would; median, 95th percentile, maximum);
-* the driver-side cost of one report's write (``TrialRecord.add`` + ``write``) at epoch 1 and at
-  epoch 100 of a trial, without Ray: whether a report's cost grows with the trial's length.
+* the cost of one report's write (``TrialRecord.add`` + ``write``: the Parquet writer thread's
+  work) from epoch 1 on and from epoch 100 on, without Ray: whether it grows with the trial's length.
 
 ``--trials N --epochs R`` (default 16 × 30). Name the CPU with the figures
 (``grep -m1 'model name' /proc/cpuinfo``); the machine should be otherwise idle.
@@ -177,24 +177,27 @@ def run_arm(arm: str, args: Any, template_ref: Any, root: Path) -> dict[str, Any
 
 
 def report_cost(template: dict[str, Any], root: Path, repeats: int = 20) -> dict[int, float]:
-    """Median seconds of TrialRecord.add + write for one report at epoch 1 and at epoch 100."""
+    """Median seconds of TrialRecord.add + write for one report, over ``repeats`` reports from epoch
+    1 on and from epoch 100 on (the 99 epochs before on disk, as the driver left them)."""
     from tune_cifar.report import EpochReport
     from tune_cifar.tables import TrialRecord
 
     costs = {}
     for at in (1, 100):
         record = TrialRecord("cost")
+        folder = root / f"cost-{at}"
         for epoch in range(1, at):
             record.add("epochs", [{**template_epoch(template), "epoch": epoch}])
             record.add("layers", [{**row, "epoch": epoch} for row in template["layers"]])
+        record.write(folder)
         seconds = []
-        for _ in range(repeats):
-            report = EpochReport.from_result({**template, "epoch": at})
+        for epoch in range(at, at + repeats):
+            report = EpochReport.from_result({**template, "epoch": epoch})
             started = time.perf_counter()
             record.add("epochs", [report.epoch])
-            record.add("layers", [{**row, "epoch": at} for row in report.layers])
+            record.add("layers", [{**row, "epoch": epoch} for row in report.layers])
             record.trial = dict(report.trial)
-            record.write(root / f"cost-{at}")
+            record.write(folder)
             seconds.append(time.perf_counter() - started)
         costs[at] = statistics.median(seconds)
     return costs

@@ -395,6 +395,8 @@ def test_interrupted_study_resumes_with_every_trial_once(tmp_path: Path, ray_tmp
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait(timeout=30)
     assert 2 <= finished < SMOKE_TRIALS
+    killed = pd.read_parquet(folder / "epochs")  # what a killed driver leaves reads whole, each row once
+    assert not killed.duplicated(["trial_id", "epoch"]).any() and len(killed) > 0
 
     done = subprocess.run(search_cmd("--resume", *args), cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -412,12 +414,63 @@ def test_interrupted_study_resumes_with_every_trial_once(tmp_path: Path, ray_tmp
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
     for trial_id, group in epochs.groupby("trial_id"):
         assert sorted(group["epoch"]) == list(range(1, len(group) + 1)), trial_id
+    for name in (
+        "trials",
+        "epochs",
+        "layers",
+    ):  # the resumed driver merged every trial's epochs, its own and the killed one's
+        assert sorted(p.name for p in (folder / name).glob("*.parquet")) == sorted(
+            f"part-{t}.parquet" for t in trials["trial_id"]
+        )
     # Optuna: one finished trial per Ray trial, none left RUNNING by the killed driver
     states = [t.state for t in study.trials]
     assert len(study.trials) == SMOKE_TRIALS and all(state.is_finished() for state in states)
     assert {t.user_attrs["ray_trial_id"] for t in study.trials} == set(trials["trial_id"])
     pruned = sum(state == optuna.trial.TrialState.PRUNED for state in states)
     assert pruned == (trials["status"] == "STOPPED").sum()
+
+
+def test_tables_read_while_the_study_writes_them_are_whole_and_each_row_once(tmp_path: Path, ray_tmp: Path) -> None:
+    """23.2: pandas, pyarrow and DuckDB read the tables while the driver's writer thread writes them,
+    one file per trial and epoch: never an error, never a row twice, and rows appear as the study goes.
+    At the end every trial's epochs are merged into one file per table."""
+    import duckdb
+    import pyarrow.parquet as pq
+
+    space = tmp_path / "live.yaml"
+    trials_n = 4
+    space.write_text(REPRODUCIBLE_SPACE.replace("num_samples: 12", f"num_samples: {trials_n}")
+                     .replace("max_epochs: 2", "max_epochs: 4").replace("asha: {grace_period: 1, reduction_factor: 2}",
+                                                                         "asha: null"))  # fmt: skip
+    args = ("--space", str(space), "--name", "live", "--storage-path", str(tmp_path / "s"), "--wandb", "disabled")
+    driver = subprocess.Popen(search_cmd(*args, "--max-concurrent", "2"), cwd=REPO, env=study_env(ray_tmp),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    folder = tmp_path / "s" / "live"
+    _wait_for(folder / "epochs", driver)
+    sizes = []
+    while driver.poll() is None:
+        time.sleep(0.05)
+        if not list((folder / "epochs").glob("*.parquet")):
+            continue  # the first file is still under its temporary name
+        frames = {
+            "pandas": pd.read_parquet(folder / "epochs", columns=["trial_id", "epoch"]),
+            "pyarrow": pq.read_table(folder / "epochs", columns=["trial_id", "epoch"]).to_pandas(),
+            "duckdb": duckdb.sql(f"SELECT trial_id, epoch FROM read_parquet('{folder}/epochs/*.parquet')").df(),
+        }
+        for reader, frame in frames.items():
+            assert not frame.duplicated().any(), (reader, frame)
+        sizes.append(len(frames["pandas"]))
+        finished = pd.read_parquet(folder / "trials", columns=["status"])["status"].eq("TERMINATED").sum()
+        if finished >= trials_n - 1:
+            break  # the last trial's end merges the files: a reader then may have to read again (README)
+    assert driver.wait(timeout=300) == 0, driver.stderr.read()[-3000:]
+    assert len(set(sizes)) >= 3, f"the reader never saw the table grow: {sizes}"
+    epochs = pd.read_parquet(folder / "epochs")
+    assert len(epochs) == trials_n * 4 and not epochs.duplicated(["trial_id", "epoch"]).any()
+    for name in ("trials", "epochs", "layers"):
+        assert sorted(p.name for p in (folder / name).glob("*")) == sorted(
+            f"part-{t}.parquet" for t in epochs.trial_id.unique()
+        )
 
 
 @pytest.fixture(scope="module")

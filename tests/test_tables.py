@@ -13,7 +13,17 @@ import pandas as pd
 import pytest
 
 from tune_cifar import config as cfg
-from tune_cifar.tables import NULLABLE_TABLES, SCHEMAS, TrialRecord, read_table
+from tune_cifar.tables import (
+    NULLABLE_TABLES,
+    SCHEMAS,
+    TrialRecord,
+    apply,
+    compact,
+    read_table,
+    to_arrow,
+    trial_rows,
+    write_atomic,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +58,9 @@ def test_nullable_integers_and_booleans_keep_their_type(folder: Path) -> None:
     trials = pd.read_parquet(folder / "trials").set_index("trial_id")
     assert str(trials["step_size"].dtype) == "Int64"  # not float64 (7 → 7.0)
     assert trials.loc["sgd", "step_size"] == 7 and trials["step_size"].isna().to_dict() == {
-        "adam": True, "sgd": False, "started": True
+        "adam": True,
+        "sgd": False,
+        "started": True,
     }
     assert str(trials["nesterov"].dtype) == "boolean"  # not object
     assert bool(trials.loc["sgd", "nesterov"]) and pd.isna(trials.loc["adam", "nesterov"])
@@ -73,3 +85,95 @@ def test_every_column_reads_as_its_schema_says(folder: Path) -> None:
                 assert dtype == "float64", (name, field.name)
     # the project's own reader gives the same frame
     pd.testing.assert_frame_equal(read_table(folder, "trials"), pd.read_parquet(folder / "trials"))
+
+
+# -- the writer: one file per epoch while a trial runs, one per trial once merged (issue 23) -----
+def _report(record: TrialRecord, epoch: int, value: float) -> None:
+    """One epoch's report as the driver adds it: an epochs row, two layer rows, the trial's row."""
+    record.add("epochs", [{"epoch": epoch, "val_acc": value}])
+    layers = [{"epoch": epoch, "layer": f"conv{i}.weight", "layer_index": i, "kind": "weight", "numel": 9}
+              for i in range(2)]  # fmt: skip
+    record.add("layers", layers)
+    record.trial = {"status": "RUNNING", "epochs_run": epoch}
+
+
+def _files(root: Path, name: str) -> list[str]:
+    return sorted(part.name for part in (root / name).glob("*.parquet"))
+
+
+def _once(root: Path) -> pd.DataFrame:
+    """The epochs table as pandas reads it, asserted free of a (trial, epoch) twice."""
+    epochs = pd.read_parquet(root / "epochs")
+    assert not epochs.duplicated(["trial_id", "epoch"]).any(), epochs
+    return epochs.sort_values("epoch")
+
+
+def test_a_report_writes_its_own_epoch_and_never_an_earlier_one(tmp_path: Path) -> None:
+    """A report's cost does not grow with the trial: it writes its epoch's files and the trial's row."""
+    record = TrialRecord("t")
+    for epoch in (1, 2, 3):
+        _report(record, epoch, epoch / 10)
+        record.write(tmp_path)
+    inodes = {part: part.stat().st_ino for part in tmp_path.rglob("*.e0000[12].parquet")}
+    _report(record, 4, 0.4)
+    ops = record.changes()
+    written = [str(op.path) for op in ops if op.rows is not None]
+    assert written == ["epochs/part-t.e00004.parquet", "layers/part-t.e00004.parquet", "trials/part-t.parquet"]
+    apply(tmp_path, ops)
+    assert not any(record.pending.values())  # the driver keeps no trial's history once it is on disk
+    assert {part: part.stat().st_ino for part in inodes} == inodes  # earlier epochs' files never replaced
+    assert _files(tmp_path, "epochs") == [f"part-t.e0000{e}.parquet" for e in (1, 2, 3, 4)]
+    assert _once(tmp_path)["val_acc"].tolist() == [0.1, 0.2, 0.3, 0.4]
+    assert len(pd.read_parquet(tmp_path / "layers")) == 8
+
+
+def test_a_retried_epoch_replaces_its_file_and_later_epochs_go(tmp_path: Path) -> None:
+    record = TrialRecord("t")
+    for epoch in (1, 2, 3):
+        _report(record, epoch, epoch / 10)
+        record.write(tmp_path)
+    record.drop_after(1)  # restored from the checkpoint of epoch 1
+    _report(record, 2, 0.25)
+    record.write(tmp_path)
+    assert _files(tmp_path, "epochs") == ["part-t.e00001.parquet", "part-t.e00002.parquet"]
+    assert _once(tmp_path)["val_acc"].tolist() == [0.1, 0.25]
+    assert sorted(read_table(tmp_path, "layers")["epoch"]) == [1, 1, 2, 2]
+
+
+def test_compact_leaves_one_file_per_trial_and_a_resumed_retry_moves_its_epoch_out(tmp_path: Path) -> None:
+    record = TrialRecord("t")
+    for epoch in (1, 2, 3):
+        _report(record, epoch, epoch / 10)
+        record.write(tmp_path)
+    record.compact(tmp_path)
+    assert _files(tmp_path, "epochs") == _files(tmp_path, "layers") == ["part-t.parquet"]
+    assert _once(tmp_path)["val_acc"].tolist() == [0.1, 0.2, 0.3]
+    resumed = TrialRecord.load(tmp_path, "t")  # --resume: the earlier driver's rows, then a retry of epoch 2
+    assert resumed.trial["epochs_run"] == 3 and resumed.merged == {1, 2, 3} and not resumed.written
+    assert [row["epoch"] for row in trial_rows(tmp_path, "layers", "t")] == [1, 1, 2, 2, 3, 3]
+    resumed.drop_after(1)
+    _report(resumed, 2, 0.22)
+    resumed.write(tmp_path)
+    assert _files(tmp_path, "epochs") == ["part-t.e00002.parquet", "part-t.parquet"]
+    assert _once(tmp_path)["val_acc"].tolist() == [0.1, 0.22]
+    assert compact(tmp_path) == ["t"]
+    assert _files(tmp_path, "epochs") == ["part-t.parquet"] and _once(tmp_path)["val_acc"].tolist() == [0.1, 0.22]
+
+
+def test_a_merge_cut_short_reads_once_and_the_next_write_heals_it(tmp_path: Path) -> None:
+    """A driver killed inside a merge leaves the merged file and the per-epoch files both: the
+    project's reader keeps one copy of each row, and the resumed driver's first write leaves one."""
+    record = TrialRecord("t")
+    for epoch in (1, 2):
+        _report(record, epoch, epoch / 10)
+        record.write(tmp_path)
+    rows = trial_rows(tmp_path, "epochs", "t")
+    write_atomic(to_arrow("epochs", rows), tmp_path / "epochs" / "part-t.parquet")  # the merge's first step
+    assert len(pd.read_parquet(tmp_path / "epochs")) == 4  # what a plain reader sees in that moment
+    assert read_table(tmp_path, "epochs")["epoch"].tolist() == [1, 2]
+    resumed = TrialRecord.load(tmp_path, "t")
+    _report(resumed, 3, 0.3)
+    resumed.write(tmp_path)
+    assert _once(tmp_path)["val_acc"].tolist() == [0.1, 0.2, 0.3]
+    compact(tmp_path)
+    assert _files(tmp_path, "epochs") == ["part-t.parquet"] and _once(tmp_path)["epoch"].tolist() == [1, 2, 3]

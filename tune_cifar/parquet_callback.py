@@ -5,12 +5,18 @@ shared files itself: one process owns every part file, and the tables are as com
 Ray's own record of the study. Rows are keyed by ``(trial_id, epoch)`` and every epoch a
 trial reports replaces that epoch and drops any later ones, so a trial retried from an older
 checkpoint, or continued by ``--resume``, neither loses nor duplicates rows.
+
+The files are written by a thread of the driver's own, not in Ray Tune's event loop, which every
+trial's results pass through: the loop only notes what changed (microseconds), and the thread
+writes whatever changed since its last round, a trial's several reports at once when they come
+faster than the disk takes them (``benchmarks/driver_throughput.py`` measures both).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any
 
 from ray import tune
@@ -19,7 +25,7 @@ from tune_cifar import tables
 from tune_cifar.outcome import Outcome
 from tune_cifar.ray_trial import error_line, hyperparameter_row, outcome
 from tune_cifar.report import EpochReport
-from tune_cifar.study_folder import StudyContext
+from tune_cifar.study_folder import StudyContext, part_trial
 from tune_cifar.tables import TrialRecord
 
 logger = logging.getLogger(__name__)
@@ -31,6 +37,18 @@ class ParquetCallback(tune.Callback):
     def __init__(self, study: StudyContext):
         self.study = study  # restored by --resume as the resuming driver's (see tune_cifar.study_folder)
         self.records: dict[str, TrialRecord] = {}
+        self._lock = threading.Condition()  # guards records and _changed, between Tune's loop and the writer
+        self._changed: set[str] = set()  # trials with changes the writer has not taken yet
+        self._writer: threading.Thread | None = None
+        self._closing = False
+        self._failure: Exception | None = None  # a writer's error that is not the disk's: raised in Tune's loop
+
+    def __getstate__(self) -> dict[str, Any]:  # the lock and the thread stay with this driver
+        return {**self.__dict__, "_lock": None, "_changed": set(), "_writer": None, "_closing": False, "_failure": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Condition()
 
     def record(self, trial: Any) -> TrialRecord:
         if trial.trial_id not in self.records:
@@ -38,35 +56,75 @@ class ParquetCallback(tune.Callback):
             self.records[trial.trial_id] = TrialRecord.load(self.study.folder.path, trial.trial_id)
         return self.records[trial.trial_id]
 
-    def _update(self, trial: Any, **fields: Any) -> TrialRecord:
-        """The trial's row with ``fields``, written with its per-epoch rows. Once a write failed
-        (a full disk) nothing more is written: the study is stopping, and --resume rebuilds."""
-        record = self.record(trial)
+    def _update(self, trial: Any, report: EpochReport | None = None, drop_after: int | None = None,
+                **fields: Any) -> None:  # fmt: skip
+        """Add ``report``'s rows (after dropping epochs past ``drop_after``) and ``fields`` to the trial's
+        row, and hand the change to the writer thread."""
+        if self._failure is not None:
+            raise self._failure
         base = {"study": self.study.name, **hyperparameter_row(trial)}
-        record.trial = {**base, **record.trial, **fields}
-        if not self.study.write_failures:
+        with self._lock:
+            record = self.record(trial)
+            if drop_after is not None:
+                record.drop_after(drop_after)
+            if report is not None:
+                record.add("epochs", [report.epoch])
+                record.add("layers", report.layers)
+                record.add("steps", report.steps)
+            record.trial = {**base, **record.trial, **fields}
+            self._changed.add(trial.trial_id)
+            if self._writer is None:
+                self._closing = False
+                self._writer = threading.Thread(target=self._write_changes, name="parquet", daemon=True)
+                self._writer.start()
+            self._lock.notify()
+
+    def _write_changes(self) -> None:
+        """The writer thread: each round takes every changed trial's writes, then makes them. Once a
+        write failed (a full disk) nothing more is written: the study is stopping, --resume rebuilds."""
+        while True:
+            with self._lock:
+                while not self._changed and not self._closing:
+                    self._lock.wait()
+                if not self._changed:
+                    return
+                ops = [op for trial_id in sorted(self._changed) for op in self.records[trial_id].changes()]
+                self._changed.clear()
+            if self.study.write_failures:
+                continue
             try:
-                record.write(self.study.folder.path)
+                tables.apply(self.study.folder.path, ops)
             except OSError as exc:
                 self.study.stop_on_write_failure(exc)
-        return record
+            except Exception as exc:  # a bug, not the disk: fail the study loudly, as a write in the loop would
+                self._failure = exc
+                return
+
+    def flush(self) -> None:
+        """Wait until everything reported so far is on disk (the writer thread ends; the next change
+        starts another)."""
+        with self._lock:
+            writer, self._writer = self._writer, None
+            self._closing = True
+            self._lock.notify()
+        if writer is not None:
+            writer.join()
+        if self._failure is not None:
+            raise self._failure
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._update(trial, **Outcome.RUNNING.columns())
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         report = EpochReport.from_result(result)
-        record = self.record(trial)
-        record.drop_after(int(report.epoch["epoch"]) - 1)  # a retried trial redoes the epochs after its checkpoint
-        record.add("epochs", [report.epoch])
-        record.add("layers", report.layers)
-        record.add("steps", report.steps)
-        self._update(trial, **report.trial, **Outcome.RUNNING.columns(), wall_s=result.get("time_total_s"))
+        # a retried trial redoes the epochs after its checkpoint
+        self._update(trial, report, drop_after=int(report.epoch["epoch"]) - 1, **report.trial,
+                     **Outcome.RUNNING.columns(), wall_s=result.get("time_total_s"))  # fmt: skip
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = int((trial.last_result or {}).get("epoch") or 0)
-        self.record(trial).drop_after(last)
-        self._update(trial, status=Outcome.RUNNING.status, stop_reason=f"retrying: {error_line(trial)}")
+        self._update(trial, drop_after=last, status=Outcome.RUNNING.status,
+                     stop_reason=f"retrying: {error_line(trial)}")  # fmt: skip
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._update(trial, **outcome(trial).columns())
@@ -79,7 +137,13 @@ class ParquetCallback(tune.Callback):
             record = self.records.get(trial.trial_id)
             if record is not None and record.trial.get("status") == Outcome.RUNNING.status:
                 self._update(trial, **outcome(trial, ended=False, interrupted=True).columns())
-        self.remove_orphans({trial.trial_id for trial in trials})
+        self.flush()
+        if not self.study.write_failures:
+            self.remove_orphans({trial.trial_id for trial in trials})
+            try:
+                tables.compact(self.study.folder.path, set(self.records))
+            except OSError as exc:  # the per-epoch files stay whole; the next --resume merges them
+                self.study.stop_on_write_failure(exc)
 
     def remove_orphans(self, known: set[str]) -> list[str]:
         """Delete part files of trials Ray no longer knows: started by a driver that died before
@@ -87,7 +151,7 @@ class ParquetCallback(tune.Callback):
         removed = []
         for name in tables.TABLES:
             for part in self.study.folder.parts(name):
-                trial_id = part.stem.removeprefix("part-")
+                trial_id = part_trial(part)
                 if trial_id not in known:
                     part.unlink()
                     removed.append(trial_id)
@@ -108,7 +172,7 @@ def repair_tables(study: StudyContext) -> list[str]:
 
     ray_trials = ExperimentAnalysis(str(folder.path)).trials  # loaded first: nothing moves if this fails
     aside = folder.damaged
-    lost = {part.stem.removeprefix("part-") for part in damaged}
+    lost = {part_trial(part) for part in damaged}
     for part in damaged:
         (aside / part.parent.name).mkdir(parents=True, exist_ok=True)
         part.replace(aside / part.parent.name / part.name)
@@ -119,7 +183,8 @@ def repair_tables(study: StudyContext) -> list[str]:
         if trial.trial_id not in lost or not results.is_file():
             continue
         for name in tables.TABLES:  # every table of the trial is rewritten from the replay
-            folder.part(name, trial.trial_id).unlink(missing_ok=True)
+            for part in folder.parts(name, trial.trial_id):
+                part.unlink()
         writer.records[trial.trial_id] = TrialRecord(trial.trial_id)
         for line in results.read_text().splitlines():
             if line.strip():
@@ -129,8 +194,9 @@ def repair_tables(study: StudyContext) -> list[str]:
         elif trial.status == "ERROR":
             writer.on_trial_error(0, [], trial)
         rebuilt.add(trial.trial_id)
+    writer.flush()
     return [
         f"{part}: damaged; set aside in {aside} and "
-        + ("rebuilt from Ray's results" if part.stem.removeprefix("part-") in rebuilt else "not rebuilt (no results)")
+        + ("rebuilt from Ray's results" if part_trial(part) in rebuilt else "not rebuilt (no results)")
         for part in damaged
     ]

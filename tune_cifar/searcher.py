@@ -24,9 +24,11 @@ reconciles the two so every Ray trial ends as exactly one Optuna trial.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import pickle
+import sqlite3
 from typing import Any
 
 import optuna
@@ -63,7 +65,7 @@ class StudySearch(Searcher):
         self.finished_before: set[str] = set()  # Ray trials already told in the database
         self.errored: set[str] = set()  # Ray trials that failed (so far): told FAIL at the end
         self._optuna = optuna.create_study(
-            storage=study.folder.optuna_url,
+            storage=open_database(study.folder),
             sampler=self.sampler,
             pruner=optuna.pruners.NopPruner(),
             study_name=study.name,
@@ -195,7 +197,7 @@ class StudySearch(Searcher):
             return  # unpickled outside a driver (the database is elsewhere): nothing to reopen
         self._optuna = optuna.load_study(
             study_name=self.study.name,
-            storage=self.study.folder.optuna_url,
+            storage=open_database(self.study.folder),
             sampler=self.sampler,
             pruner=optuna.pruners.NopPruner(),
         )
@@ -216,6 +218,36 @@ class StudyTrials(SearchGenerator):
     def set_state(self, state: dict[str, Any]) -> None:
         super().set_state(state)
         private_api.set_trial_count(self, self.searcher.study.num_samples)
+
+
+def open_database(folder: StudyFolder) -> optuna.storages.RDBStorage:
+    """The study's Optuna database as the driver writes it: a write-ahead log, no fsync per commit.
+
+    Every epoch of every trial is one ``trial.report``, one transaction. With SQLite's defaults
+    (a rollback journal, fsync on every commit) one took 13.6 ms on the development machine, which
+    capped the whole driver near 70 reports a second; in WAL mode with ``synchronous=NORMAL``,
+    0.7 ms. A crash of the driver loses nothing; a power loss may lose the last transactions but
+    never corrupts the file, and ``--resume`` reconciles the database with Ray's state anyway
+    (:meth:`StudySearch.restore`). WAL mode stays with the file; :func:`checkpoint_database` folds
+    the log into it before the study is copied anywhere.
+    """
+    path = folder.optuna_db.resolve()
+
+    def connect() -> sqlite3.Connection:
+        connection = sqlite3.connect(path, check_same_thread=False)  # SQLAlchemy's pool may hand it to any thread
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        return connection
+
+    return optuna.storages.RDBStorage(folder.optuna_url, engine_kwargs={"creator": connect})
+
+
+def checkpoint_database(folder: StudyFolder) -> None:
+    """Fold the write-ahead log into ``optuna.db``, so that the one file holds the whole study (what
+    remote storage copies, and what a user copies away)."""
+    if folder.optuna_db.is_file():
+        with contextlib.closing(sqlite3.connect(folder.optuna_db)) as connection:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def finish_study(name: str, folder: StudyFolder) -> int:

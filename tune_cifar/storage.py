@@ -88,7 +88,7 @@ class StudyStorage:
         (Ray never saved the experiment), so an Optuna database it may have created holds no result."""
         if self.local.parts("trials"):
             raise UsageError(f"{self.local.path}: trial tables but no Ray experiment state; cannot resume it")
-        for started in (self.local.optuna_db, self.local.path / StudyFolder.RAY_TUNER):
+        for started in (*self.local.optuna_files, self.local.path / StudyFolder.RAY_TUNER):
             started.unlink(missing_ok=True)
 
     def remove_checkpoints_except(self, keep_trial: str) -> None:

@@ -53,6 +53,11 @@ class StudyFolder:
         return self.path / self.OPTUNA_DB
 
     @property
+    def optuna_files(self) -> tuple[Path, ...]:
+        """The database with its write-ahead log and index (WAL mode: tune_cifar.searcher.open_database)."""
+        return (self.optuna_db, *(self.optuna_db.with_name(f"{self.OPTUNA_DB}-{end}") for end in ("wal", "shm")))
+
+    @property
     def optuna_url(self) -> str:
         """The Optuna storage URL of the study's database."""
         return f"sqlite:///{self.optuna_db.resolve()}"
@@ -85,12 +90,15 @@ class StudyFolder:
         """One table's Parquet dataset (a folder of part files)."""
         return self.path / name
 
-    def part(self, table: str, trial_id: str) -> Path:
-        """One trial's part file of a table."""
-        return self.table(table) / f"part-{trial_id}.parquet"
+    def part(self, table: str, trial_id: str, epoch: int | None = None) -> Path:
+        """One trial's part file of a table: its merged file, or (``epoch``) one epoch's rows as the
+        driver writes them while the trial runs (see :class:`tune_cifar.tables.TrialRecord`)."""
+        return self.table(table) / f"part-{trial_id}{'' if epoch is None else f'.e{epoch:05d}'}.parquet"
 
-    def parts(self, table: str) -> list[Path]:
-        return sorted(self.table(table).glob("part-*.parquet"))
+    def parts(self, table: str, trial_id: str | None = None) -> list[Path]:
+        """A table's part files (merged and per epoch), of every trial or of ``trial_id``'s."""
+        found = sorted(self.table(table).glob("part-*.parquet"))
+        return found if trial_id is None else [part for part in found if part_trial(part) == trial_id]
 
     def has_table(self, name: str) -> bool:
         return self.table(name).is_dir() and bool(self.parts(name))
@@ -104,6 +112,22 @@ class StudyFolder:
         from tune_cifar.tables import TABLES
 
         return (*TABLES, self.OPTUNA_DB, self.PLAN, self.SPACE)
+
+
+def part_trial(part: Path) -> str:
+    """The trial a part file holds rows of (``part-ID.parquet`` or ``part-ID.eNNNNN.parquet``)."""
+    return _split_part(part)[0]
+
+
+def part_epoch(part: Path) -> int | None:
+    """The epoch a per-epoch part file holds; None for a trial's merged file."""
+    return _split_part(part)[1]
+
+
+def _split_part(part: Path) -> tuple[str, int | None]:
+    stem = part.name.removeprefix("part-").removesuffix(".parquet")
+    trial_id, dot, epoch = stem.rpartition(".e")
+    return (trial_id, int(epoch)) if dot and len(epoch) == 5 and epoch.isdigit() else (stem, None)
 
 
 def trial_dirname(trial_id: str) -> str:

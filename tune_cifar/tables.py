@@ -1,9 +1,10 @@
 """The Parquet tables every run and study leaves behind, and their atomic writer.
 
 A results folder holds one directory per table (``trials``, ``epochs``, ``layers``, ``steps``),
-each a Parquet dataset with one part file per trial, so ``pandas.read_parquet(folder / NAME)``
-reads the whole table. A trial's part file is rewritten whole (temp file + rename) each time
-the trial reports, which gives the two guarantees the study needs:
+each a Parquet dataset of part files, so ``pandas.read_parquet(folder / NAME)`` reads the whole
+table. A finished run or study has one part file per trial and table; while it runs, each epoch a
+trial reports is a file of its own, written once (:class:`TrialRecord` says why). Every file is
+written to a temporary name and renamed, which gives the guarantees the study needs:
 
 * a reader never sees a half-written file (pyarrow skips names starting with ``.``);
 * a retried or resumed trial replaces its rows by ``(trial_id, epoch)`` instead of appending
@@ -30,7 +31,7 @@ from tune_cifar import config as cfg
 from tune_cifar.errors import UsageError
 from tune_cifar.outcome import FINISHED_STATUSES, Outcome
 from tune_cifar.report import EPOCH_COLUMNS
-from tune_cifar.study_folder import StudyFolder
+from tune_cifar.study_folder import StudyFolder, part_epoch, part_trial
 
 _ARROW_TYPES = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
 
@@ -180,50 +181,172 @@ def _replace_durably(path: Path, write: Any) -> None:
         temp.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class Write:
+    """One step of writing a trial's rows: ``rows`` into ``path`` (a new file, or one replaced
+    whole), ``path`` removed (``rows`` None), or with ``keep_epochs`` the merged file rewritten
+    with only those epochs' rows (read back from itself: the driver does not keep them)."""
+
+    path: Path  # relative to the results folder
+    table: str
+    rows: list[dict[str, Any]] | None = None
+    keep_epochs: frozenset[int] | None = None
+
+
 @dataclass
 class TrialRecord:
-    """Everything one trial has reported, deduplicated by epoch, ready to rewrite its part files."""
+    """One trial's rows on their way to disk, deduplicated by epoch: what the driver keeps per trial.
+
+    While a trial runs, each epoch's rows of ``epochs``, ``layers`` and ``steps`` go to part files of
+    their own (``part-ID.eNNNNN.parquet``), each written once: a report costs the same at epoch 100
+    as at epoch 1 (rewriting a trial's whole history on every report made it grow with the trial),
+    the driver holds only the rows not yet written (not every trial's history), and a reader never
+    meets a file being replaced (pyarrow may open a file twice while reading it). A retried epoch
+    replaces its files; the epochs a restore redoes lose theirs. When the run or the study ends,
+    :meth:`compact` merges a trial's epochs into its one file (``part-ID.parquet``), so a finished
+    folder holds one file per trial and table. The ``trials`` row is one small file, replaced on
+    every report.
+
+    Every (trial, epoch) row lives in exactly one file, except for the moment a merge or a retry
+    moves it: :func:`read_table` keeps one copy.
+    """
 
     trial_id: str
     trial: dict[str, Any] = field(default_factory=dict)
-    rows: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = field(
+    pending: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = field(
         default_factory=lambda: {name: {} for name in PER_EPOCH_KEYS}
-    )
+    )  # rows of the epochs in ``dirty``, by key: a row with the same key replaces the earlier one
+    written: set[int] = field(default_factory=set)  # epochs with part files of their own
+    merged: set[int] = field(default_factory=set)  # epochs in the trial's merged part files
+    dirty: set[int] = field(default_factory=set)  # epochs whose rows changed since the last write
+    dropped: set[int] = field(default_factory=set)  # epochs whose own part files are to go
+    merged_stale: bool = False  # the merged files hold epochs that moved out or went
 
     def add(self, name: str, new_rows: list[dict[str, Any]]) -> None:
         """Add rows of a per-epoch table; a row with the same key (a retried epoch) replaces the old one."""
         for row in new_rows:
             row = {**row, "trial_id": self.trial_id}
-            self.rows[name][tuple(row[key] for key in PER_EPOCH_KEYS[name])] = row
+            self.pending[name][tuple(row[key] for key in PER_EPOCH_KEYS[name])] = row
+            epoch = row["epoch"]
+            self.dirty.add(epoch)  # a retried epoch's files are written anew, with only the rows it reports now
+            self.dropped.discard(epoch)
+            if epoch in self.merged:  # the retried epoch leaves the merged files for files of its own
+                self.merged.discard(epoch)
+                self.merged_stale = True
 
     def drop_after(self, epoch: int) -> None:
         """Forget rows of epochs after ``epoch``: a trial restored from an older checkpoint redoes them."""
-        for rows in self.rows.values():
+        for rows in self.pending.values():
             for key in [key for key, row in rows.items() if row["epoch"] > epoch]:
                 del rows[key]
+        self.dirty = {e for e in self.dirty if e <= epoch}
+        self.dropped |= {e for e in self.written if e > epoch}
+        if any(e > epoch for e in self.merged):
+            self.merged = {e for e in self.merged if e <= epoch}
+            self.merged_stale = True
+
+    def changes(self) -> list[Write]:
+        """What :meth:`write` would do, taken out of the record, in order (a row that moves is
+        written before it is removed). The driver's writer thread takes them under a lock and
+        writes them outside it."""
+        folder = StudyFolder(Path())
+        writes = []
+        for epoch in sorted(self.dirty):
+            for name in PER_EPOCH_KEYS:
+                rows = [row for key, row in sorted(self.pending[name].items()) if row["epoch"] == epoch]
+                if rows or epoch in self.written:  # a retried epoch without rows of a table loses its file
+                    writes.append(Write(folder.part(name, self.trial_id, epoch), name, rows or None))
+        if self.merged_stale:
+            keep = frozenset(self.merged)
+            writes += [Write(folder.part(name, self.trial_id), name, keep_epochs=keep) for name in PER_EPOCH_KEYS]
+        for epoch in sorted(self.dropped):
+            writes += [Write(folder.part(name, self.trial_id, epoch), name) for name in PER_EPOCH_KEYS]
+        self.written = (self.written | self.dirty) - self.dropped
+        self.pending = {name: {} for name in PER_EPOCH_KEYS}
+        self.dirty, self.dropped, self.merged_stale = set(), set(), False
+        trial_row = [{**self.trial, "trial_id": self.trial_id}]
+        return [*writes, Write(folder.part("trials", self.trial_id), "trials", trial_row)]
 
     def write(self, root: Path) -> None:
+        """Write what changed since the last write: the epochs reported since, and the trial's row."""
+        apply(root, self.changes())
+
+    def compact(self, root: Path) -> None:
+        """Merge the trial's per-epoch part files into its one file per table, then remove them."""
+        self.write(root)
         folder = StudyFolder(root)
-        summary = to_arrow("trials", [{**self.trial, "trial_id": self.trial_id}])
-        write_atomic(summary, folder.part("trials", self.trial_id))
-        for name, rows in self.rows.items():
-            if rows or name != "steps":
-                ordered = [rows[key] for key in sorted(rows)]
-                write_atomic(to_arrow(name, ordered), folder.part(name, self.trial_id))
+        for name in PER_EPOCH_KEYS:
+            rows = trial_rows(root, name, self.trial_id)
+            if rows or name != "steps":  # a finished trial has epochs and layers files even without a report
+                write_atomic(to_arrow(name, rows), folder.part(name, self.trial_id))
+            for epoch in self.written:
+                folder.part(name, self.trial_id, epoch).unlink(missing_ok=True)
+        self.merged |= self.written
+        self.written = set()
 
     @classmethod
     def load(cls, root: Path, trial_id: str) -> TrialRecord:
-        """Read back what an earlier driver wrote for this trial (for ``--resume``); empty if nothing."""
+        """Where an earlier driver left this trial (for ``--resume``): its row, and which epochs are
+        on disk in which files (not the rows themselves). An epoch both in the merged file and in a
+        file of its own (a merge the driver did not finish) counts as the latter, and the next
+        write leaves it there alone."""
         record = cls(trial_id)
         folder = StudyFolder(root)
         trials_part = folder.part("trials", trial_id)
         if trials_part.exists():
             record.trial = pq.read_table(trials_part).to_pylist()[0]
         for name in PER_EPOCH_KEYS:
-            part = folder.part(name, trial_id)
-            if part.exists():
-                record.add(name, pq.read_table(part).to_pylist())
+            for part in folder.parts(name, trial_id):
+                epoch = part_epoch(part)
+                if epoch is not None:
+                    record.written.add(epoch)
+                    continue
+                record.merged |= set(pq.read_table(part, columns=["epoch"]).column("epoch").to_pylist())
+        if record.merged & record.written:
+            record.merged -= record.written
+            record.merged_stale = True
         return record
+
+
+def trial_rows(root: Path, name: str, trial_id: str) -> list[dict[str, Any]]:
+    """One trial's rows of a per-epoch table as they are on disk, each key once (a file of the
+    row's epoch wins over the merged file: it is the newer), in key order."""
+    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+    parts = StudyFolder(root).parts(name, trial_id)
+    for part in sorted(parts, key=lambda part: part_epoch(part) is not None):  # the merged file first
+        try:
+            table = pq.read_table(part)
+        except FileNotFoundError:  # removed since it was listed (a retry dropped its epoch)
+            continue
+        for row in table.to_pylist():
+            rows[tuple(row[key] for key in PER_EPOCH_KEYS[name])] = row
+    return [rows[key] for key in sorted(rows)]
+
+
+def apply(root: Path, writes: list[Write]) -> None:
+    """Carry out :meth:`TrialRecord.changes` under the results folder ``root``, in order."""
+    for write in writes:
+        path = root / write.path
+        if write.keep_epochs is not None:
+            if path.exists():
+                kept = [row for row in pq.read_table(path).to_pylist() if row["epoch"] in write.keep_epochs]
+                write_atomic(to_arrow(write.table, kept), path)
+        elif write.rows is None:
+            path.unlink(missing_ok=True)
+        else:
+            write_atomic(to_arrow(write.table, write.rows), path)
+
+
+def compact(folder: str | Path, trial_ids: set[str] = frozenset()) -> list[str]:
+    """Merge the per-epoch part files of every trial that has some, and of ``trial_ids``, into one
+    file per trial and table: what a finished run or study holds. Returns the trials merged."""
+    root = Path(folder)
+    parts = [part for name in PER_EPOCH_KEYS for part in StudyFolder(root).parts(name)]
+    unmerged = {part_trial(part) for part in parts if part_epoch(part) is not None}
+    merged = sorted(unmerged | set(trial_ids))
+    for trial_id in merged:
+        TrialRecord.load(root, trial_id).compact(root)
+    return merged
 
 
 def finished_trials(trials: pd.DataFrame) -> pd.DataFrame:
@@ -265,13 +388,18 @@ def read_table(folder: str | Path, name: str) -> pd.DataFrame:
             f"{folder}: no {name} table (expected {path}/part-*.parquet); is this a tune-cifar results folder?"
         )
     try:
-        return pd.read_parquet(path, schema=SCHEMAS[name])
+        frame = pd.read_parquet(path, schema=SCHEMAS[name])
     except (pa.ArrowException, OSError):
         damaged = damaged_parts(folder, (name,)) or [path]
         raise UsageError(
             f"{damaged[0]}: damaged Parquet file; `python -m tune_cifar.search --resume` rebuilds a study's "
             "tables from Ray's results (or move the file away)"
         ) from None
+    if name in PER_EPOCH_KEYS and any(part_epoch(part) is not None for part in StudyFolder(folder).parts(name)):
+        # a study running (or stopped without merging): a row being moved can be in two files for a
+        # moment; they sort epoch file first, its copy is the newer one
+        frame = frame.drop_duplicates(["trial_id", *PER_EPOCH_KEYS[name]], keep="first", ignore_index=True)
+    return frame
 
 
 def damaged_parts(folder: str | Path, names: tuple[str, ...] = TABLES) -> list[Path]:

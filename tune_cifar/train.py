@@ -263,7 +263,7 @@ def train_one(
     if trainer.diverged:  # stopped at that epoch; a diverged model is not tested
         record.trial = {**trial, **trainer.summary(), **Outcome.DIVERGED.columns()}
         record.trial["wall_s"] = time.perf_counter() - started
-        record.write(out)
+        record.compact(out)
         loss = trainer.history[-1]["train_loss"]
         print(f"diverged: training loss {loss} in epoch {trainer.epoch}; stopped there, not tested -> {out}")
         return record.trial
@@ -271,7 +271,7 @@ def train_one(
     test = trainer.evaluate_test()
     record.trial = {**trial, **summary, **test, **Outcome.COMPLETED.columns()}
     record.trial["wall_s"] = time.perf_counter() - started
-    record.write(out)
+    record.compact(out)
     weights = out / (f"model_{trial_id}.pt" if repeated else "model.pt")
     serialised = io.BytesIO()  # in memory first: torch.save on a full disk fails as a RuntimeError mid-file
     torch.save(trainer.final_model().state_dict(), serialised)

@@ -17,7 +17,7 @@ from tune_cifar.outcome import WANDB_TAGS, Outcome
 from tune_cifar.ray_trial import error_line, hyperparameter_row, outcome
 from tune_cifar.report import HEALTH_ORDER, EpochReport
 from tune_cifar.study_folder import StudyContext
-from tune_cifar.tables import TrialRecord
+from tune_cifar.tables import trial_rows
 
 WANDB_CLOSE_TIMEOUT_S = 300  # how long the study's end waits for W&B to close its runs
 # One chart series per tensor, keyed (layer_index, layer) so that sorting gives the forward order.
@@ -94,7 +94,7 @@ class WandbCallback(tune.Callback):
     def _load_flows(self, trial_id: str) -> Flows:
         """Per-layer history of a resumed trial, from the layers table the earlier driver wrote."""
         flows: Flows = {}
-        for row in TrialRecord.load(self.study.folder.path, trial_id).rows["layers"].values():
+        for row in trial_rows(self.study.folder.path, "layers", trial_id):
             series = flows.setdefault((row["layer_index"], row["layer"]), {})
             series[row["epoch"]] = (row["grad_mean_abs"], row["update_ratio"])
         return flows
