@@ -601,12 +601,15 @@ def test_more_gpus_than_the_cluster_has_is_refused(tmp_path: Path, ray_tmp: Path
         (("--space", "grid_losses", "--grace-period", "1"), "has no ASHA"),
         (("--space", "smoke", "--checkpoint-every", "0"), "--checkpoint-every must be at least 1"),
         (("--space", "smoke", "--checkpoint-every", "two"), "invalid int value: 'two'"),
+        # found by the data loading, which runs while Ray starts
+        (("--space", "smoke", "--val-size", "4000"), "leaves no training image out of the 640-image subset"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, ray_tmp: Path, args: tuple[str, ...], message: str) -> None:
     cmd = search_cmd(*args, "--storage-path", str(tmp_path))
     done = subprocess.run(cmd, cwd=REPO, env=study_env(ray_tmp), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ so that ``--resume`` continues the same study after the driver died.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -184,8 +185,14 @@ def _start(args: Any, plan: StudyPlan, storage: StudyStorage, restore: bool) -> 
     try:
         try:
             ray_session.check_reachable(args.address)
-            splits = load_splits(plan.data, plan.data_dir, plan.val_size, plan.subset, plan.seed)
-            ray_session.connect(args.address)
+            # The data loads while Ray starts (seconds of Ray's own processes starting): a study
+            # waits for the longer of the two, not both.
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="data") as loader:
+                loading = loader.submit(load_splits, plan.data, plan.data_dir, plan.val_size, plan.subset, plan.seed)
+                try:
+                    ray_session.connect(args.address)
+                finally:
+                    splits = loading.result()  # a bad data folder is named before Ray's failure, if both
             placement = ray_session.place(args.storage_path, args.cpus_per_trial, args.gpus_per_trial)
         except UsageError as exc:
             raise RefusedAtStart(str(exc)) from None
