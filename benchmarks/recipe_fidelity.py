@@ -200,7 +200,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         **cfg.parse_assignments(args.set), epochs=args.epochs, precision="fp32"
     )
     arms: dict[str, dict[str, Any]] = {
-        REPORT: {}, tune_arm: {}, **ablations, REPORT_DROP_LAST: {}, **dict(map(parse_arm, args.arm))
+        REPORT: {},
+        tune_arm: {},
+        **ablations,
+        REPORT_DROP_LAST: {},
+        **dict(map(parse_arm, args.arm)),
     }
     unknown = sorted(set(args.only or ()) - set(arms))
     if unknown:
@@ -232,8 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             with out.open("a") as stream:  # one whole line per finished run
                 stream.write(json.dumps(run) + "\n")
             print(
-                f"seed {seed} {name:<34} val {run['val_acc']:.2%}  test {run['test_acc']:.2%}  "
-                f"{run['seconds']:.0f} s",
+                f"seed {seed} {name:<34} val {run['val_acc']:.2%}  test {run['test_acc']:.2%}  {run['seconds']:.0f} s",
                 flush=True,
             )
     summarise([run for run in done if run["seed"] in args.seeds], list(configs))
