@@ -219,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError("--trials must be at least 1 and --epochs at least 2")
     import ray
 
+    # As a study lets Tune place every trial it can at once (ray_session.allow_pending_trials): Ray's
+    # default for a searcher of our own is one pending trial, which starts the trials one by one.
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(args.trials))
     template = real_report()
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     template_ref = ray.put(template)
