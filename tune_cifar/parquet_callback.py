@@ -7,11 +7,9 @@ trial reports replaces that epoch and drops any later ones, so a trial retried f
 checkpoint, or continued by ``--resume``, neither loses nor duplicates rows.
 
 The files are written by a thread of the driver's own, not in Ray Tune's event loop, which every
-trial's results pass through: the loop only notes what changed, and the thread writes whatever
-changed since its last round. When the thread falls more than :data:`WRITE_LAG_S` behind (the loop
-holds the interpreter while results pour in), the loop waits for it to take its next round: a
-row then waits at most that, plus one round's writes, for the disk, however fast results come
-(``benchmarks/driver_throughput.py`` measures the rate and the lag).
+trial's results pass through: the loop only notes what changed (microseconds), and the thread
+writes whatever changed since its last round, a trial's several reports at once when they come
+faster than the disk takes them (``benchmarks/driver_throughput.py`` measures both).
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from typing import Any
 
 from ray import tune
@@ -32,7 +29,6 @@ from tune_cifar.study_folder import StudyContext, part_trial
 from tune_cifar.tables import TrialRecord
 
 logger = logging.getLogger(__name__)
-WRITE_LAG_S = 0.5  # how long a change may wait for the writer before Tune's loop waits for the writer
 
 
 class ParquetCallback(tune.Callback):
@@ -43,7 +39,6 @@ class ParquetCallback(tune.Callback):
         self.records: dict[str, TrialRecord] = {}
         self._lock = threading.Condition()  # guards records and _changed, between Tune's loop and the writer
         self._changed: set[str] = set()  # trials with changes the writer has not taken yet
-        self._changed_since = 0.0  # when the oldest of those changes was made (time.monotonic)
         self._writer: threading.Thread | None = None
         self._closing = False
         self._failure: Exception | None = None  # a writer's error that is not the disk's: raised in Tune's loop
@@ -77,16 +72,12 @@ class ParquetCallback(tune.Callback):
                 record.add("layers", report.layers)
                 record.add("steps", report.steps)
             record.trial = {**base, **record.trial, **fields}
-            if not self._changed:
-                self._changed_since = time.monotonic()
             self._changed.add(trial.trial_id)
             if self._writer is None:
                 self._closing = False
                 self._writer = threading.Thread(target=self._write_changes, name="parquet", daemon=True)
                 self._writer.start()
-            self._lock.notify_all()
-            while self._changed and time.monotonic() - self._changed_since > WRITE_LAG_S and self._failure is None:
-                self._lock.wait(timeout=0.1)  # the writer is behind: let it take its round
+            self._lock.notify()
 
     def _write_changes(self) -> None:
         """The writer thread: each round takes every changed trial's writes, then makes them. Once a
@@ -99,7 +90,6 @@ class ParquetCallback(tune.Callback):
                     return
                 ops = [op for trial_id in sorted(self._changed) for op in self.records[trial_id].changes()]
                 self._changed.clear()
-                self._lock.notify_all()  # a loop waiting for this round goes on
             if self.study.write_failures:
                 continue
             try:
@@ -116,7 +106,7 @@ class ParquetCallback(tune.Callback):
         with self._lock:
             writer, self._writer = self._writer, None
             self._closing = True
-            self._lock.notify_all()
+            self._lock.notify()
         if writer is not None:
             writer.join()
         if self._failure is not None:
