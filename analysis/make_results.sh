@@ -10,7 +10,7 @@
 #   chunk  what                                                               wall time, 2-core Intel Xeon
 #   1      optimizer: each level tuned (8 lr values) and confirmed (5 seeds)  62 min (measured 2026-12-01)
 #   2      scheduler, the same protocol                                        56 min (measured 2026-12-01)
-#   3      loss and activation, the same protocol                              about 1 h 50 min (activation alone: 44 min)
+#   3      loss and activation, the same protocol                              107 min (measured 2026-12-01: 63 + 44)
 #   4      optimizer at 45,000 images x 10 epochs, the tuned lr, 3 seeds        73 min (measured 2026-12-01, 12 runs)
 #   5      tuned (TPE + ASHA) against hand-tuned; the BN landscape (VGG-A)     about 2 h (estimated)
 #   (measured with other work on the machine part of the time: 72 runs of 9,000 images x 5 epochs each)
