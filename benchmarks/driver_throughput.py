@@ -13,7 +13,7 @@ prints side by side in one run, one Ray session:
   project's parts alone (``parquet``, ``console``, ``wandb`` offline, ``searcher``: TPE in SQLite),
   and ``all``; with each arm's ratio to ``bare``;
 * for the arms that write Parquet: the lag from a report to its ``epochs`` row readable on disk
-  (a thread polls the table as a reader would; median, 95th percentile, maximum);
+  (a process of its own polls the table as a reader would; median, 95th percentile, maximum);
 * the cost of one report's write (``TrialRecord.add`` + ``write``: the Parquet writer thread's
   work) from epoch 1 on and from epoch 100 on, without Ray: whether it grows with the trial's length.
 
@@ -26,11 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,28 +87,29 @@ def reporter(config: dict[str, Any], template: dict[str, Any], epochs: int, time
     Path(times_dir, f"{trial_id}.json").write_text(json.dumps(sent))
 
 
-class Watcher(threading.Thread):
-    """Polls a study's ``epochs`` table as a reader would; remembers when each (trial, epoch) appeared."""
+def watch(folder: Path, done: Any, seen_out: Any) -> None:
+    """Polls a study's ``epochs`` table as a reader would, in a process of its own (a reader in the
+    driver's process would compete with Tune's loop for its interpreter, which a real reader does
+    not); sends back when each (trial, epoch) appeared. A file is read again only when it changed."""
+    import pyarrow.parquet as pq
 
-    def __init__(self, folder: Path):
-        super().__init__(daemon=True)
-        self.folder = folder
-        self.seen: dict[tuple[str, int], float] = {}
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        import pyarrow.parquet as pq
-
-        while not self.done.is_set():
-            for part in (self.folder / "epochs").glob("*.parquet") if (self.folder / "epochs").is_dir() else []:
-                try:
-                    table = pq.read_table(part, columns=["trial_id", "epoch"]).to_pydict()
-                except (OSError, ValueError):
-                    continue  # replaced under us: read it next time
-                now = time.time()
-                for key in zip(table["trial_id"], table["epoch"], strict=True):
-                    self.seen.setdefault(key, now)
-            time.sleep(0.05)
+    seen: dict[tuple[str, int], float] = {}
+    read: set[tuple[str, int]] = set()  # (name, mtime_ns) of the files read
+    while not done.is_set():
+        for part in (folder / "epochs").glob("*.parquet") if (folder / "epochs").is_dir() else []:
+            try:
+                version = (part.name, part.stat().st_mtime_ns)
+                if version in read:
+                    continue
+                table = pq.read_table(part, columns=["trial_id", "epoch"]).to_pydict()
+            except (OSError, ValueError):
+                continue  # replaced or removed under us: read it next time
+            read.add(version)
+            now = time.time()
+            for key in zip(table["trial_id"], table["epoch"], strict=True):
+                seen.setdefault(key, now)
+        time.sleep(0.05)
+    seen_out.put(list(seen.items()))
 
 
 class ResultClock(tune.Callback):
@@ -149,7 +150,9 @@ def run_arm(arm: str, args: Any, template_ref: Any, root: Path) -> dict[str, Any
     search = None
     if arm in ("searcher", "all"):
         search = searchers.StudyTrials(searchers.StudySearch(spaces.load(space_file), study))
-    watcher = Watcher(folder)
+    spawn = multiprocessing.get_context("spawn")  # not a fork of a process running Ray's threads
+    watcher_done, watcher_seen = spawn.Event(), spawn.Queue()
+    watcher = spawn.Process(target=watch, args=(folder, watcher_done, watcher_seen), daemon=True)
     watcher.start()
     trainable = tune.with_parameters(reporter, template=template_ref, epochs=args.epochs, times_dir=str(times_dir))
     tuner = tune.Tuner(
@@ -163,7 +166,8 @@ def run_arm(arm: str, args: Any, template_ref: Any, root: Path) -> dict[str, Any
     )
     tuner.fit()
     time.sleep(1.0)  # the watcher's last look
-    watcher.done.set()
+    watcher_done.set()
+    seen = dict(watcher_seen.get())
     watcher.join()
     handled = counter.times
     rate = (len(handled) - 1) / (handled[-1] - handled[0]) if len(handled) > 1 else float("nan")
@@ -171,8 +175,8 @@ def run_arm(arm: str, args: Any, template_ref: Any, root: Path) -> dict[str, Any
     for times_file in times_dir.glob("*.json"):
         trial_id = times_file.stem
         for epoch, sent in enumerate(json.loads(times_file.read_text()), start=1):
-            if (trial_id, epoch) in watcher.seen:
-                lags.append(watcher.seen[(trial_id, epoch)] - sent)
+            if (trial_id, epoch) in seen:
+                lags.append(seen[(trial_id, epoch)] - sent)
     return {"arm": arm, "results": len(handled), "rate": rate, "lags": lags}
 
 

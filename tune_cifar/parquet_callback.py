@@ -7,7 +7,7 @@ trial reports replaces that epoch and drops any later ones, so a trial retried f
 checkpoint, or continued by ``--resume``, neither loses nor duplicates rows.
 
 The files are written by a thread of the driver's own, not in Ray Tune's event loop, which every
-trial's results pass through: the loop only notes what changed (microseconds), and the thread
+trial's results pass through: the loop only notes what changed, and the thread
 writes whatever changed since its last round, a trial's several reports at once when they come
 faster than the disk takes them (``benchmarks/driver_throughput.py`` measures both).
 """
@@ -141,7 +141,7 @@ class ParquetCallback(tune.Callback):
         if not self.study.write_failures:
             self.remove_orphans({trial.trial_id for trial in trials})
             try:
-                tables.compact(self.study.folder.path, set(self.records))
+                tables.compact(self.study.folder.path, self.records)
             except OSError as exc:  # the per-epoch files stay whole; the next --resume merges them
                 self.study.stop_on_write_failure(exc)
 

@@ -250,7 +250,9 @@ class TrialRecord:
         written before it is removed). The driver's writer thread takes them under a lock and
         writes them outside it."""
         folder = StudyFolder(Path())
-        writes = []
+        # The trial's row first: a trial with no ``trials`` file has no other files either, which
+        # lets :meth:`load` skip listing the folders for a trial new to the driver.
+        writes = [Write(folder.part("trials", self.trial_id), "trials", [{**self.trial, "trial_id": self.trial_id}])]
         for epoch in sorted(self.dirty):
             for name in PER_EPOCH_KEYS:
                 rows = [row for key, row in sorted(self.pending[name].items()) if row["epoch"] == epoch]
@@ -264,8 +266,7 @@ class TrialRecord:
         self.written = (self.written | self.dirty) - self.dropped
         self.pending = {name: {} for name in PER_EPOCH_KEYS}
         self.dirty, self.dropped, self.merged_stale = set(), set(), False
-        trial_row = [{**self.trial, "trial_id": self.trial_id}]
-        return [*writes, Write(folder.part("trials", self.trial_id), "trials", trial_row)]
+        return writes
 
     def write(self, root: Path) -> None:
         """Write what changed since the last write: the epochs reported since, and the trial's row."""
@@ -276,27 +277,34 @@ class TrialRecord:
         self.write(root)
         folder = StudyFolder(root)
         for name in PER_EPOCH_KEYS:
-            rows = trial_rows(root, name, self.trial_id)
+            epoch_files = [folder.part(name, self.trial_id, epoch) for epoch in sorted(self.written)]
+            rows = _rows_of(name, [folder.part(name, self.trial_id), *epoch_files])
             if rows or name != "steps":  # a finished trial has epochs and layers files even without a report
                 write_atomic(to_arrow(name, rows), folder.part(name, self.trial_id))
-            for epoch in self.written:
-                folder.part(name, self.trial_id, epoch).unlink(missing_ok=True)
+            for part in epoch_files:
+                part.unlink(missing_ok=True)
         self.merged |= self.written
         self.written = set()
 
     @classmethod
-    def load(cls, root: Path, trial_id: str) -> TrialRecord:
+    def load(cls, root: Path, trial_id: str, parts: dict[str, list[Path]] | None = None) -> TrialRecord:
         """Where an earlier driver left this trial (for ``--resume``): its row, and which epochs are
-        on disk in which files (not the rows themselves). An epoch both in the merged file and in a
-        file of its own (a merge the driver did not finish) counts as the latter, and the next
-        write leaves it there alone."""
+        on disk in which files (not the rows themselves). ``parts``: the trial's part files by table,
+        when the caller has listed the folders already; else a trial without a ``trials`` file is
+        new (:meth:`changes` writes it first) and one with it has its folders listed. An epoch
+        both in the merged file and in a file of its own (a merge the driver did not finish)
+        counts as the latter, and the next write leaves it there alone."""
         record = cls(trial_id)
         folder = StudyFolder(root)
         trials_part = folder.part("trials", trial_id)
+        if not trials_part.exists() and parts is None:
+            return record
         if trials_part.exists():
             record.trial = pq.read_table(trials_part).to_pylist()[0]
+        if parts is None:
+            parts = {name: folder.parts(name, trial_id) for name in PER_EPOCH_KEYS}
         for name in PER_EPOCH_KEYS:
-            for part in folder.parts(name, trial_id):
+            for part in parts.get(name, []):
                 epoch = part_epoch(part)
                 if epoch is not None:
                     record.written.add(epoch)
@@ -311,12 +319,18 @@ class TrialRecord:
 def trial_rows(root: Path, name: str, trial_id: str) -> list[dict[str, Any]]:
     """One trial's rows of a per-epoch table as they are on disk, each key once (a file of the
     row's epoch wins over the merged file: it is the newer), in key order."""
+    return _rows_of(name, StudyFolder(root).parts(name, trial_id))
+
+
+def _rows_of(name: str, parts: list[Path]) -> list[dict[str, Any]]:
+    """The rows of one trial's part files of a table, each key once, a per-epoch file's winning
+    over the merged file's; a file that is not there (never written, or removed since it was
+    listed: a retry dropped its epoch) has none."""
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
-    parts = StudyFolder(root).parts(name, trial_id)
     for part in sorted(parts, key=lambda part: part_epoch(part) is not None):  # the merged file first
         try:
             table = pq.read_table(part)
-        except FileNotFoundError:  # removed since it was listed (a retry dropped its epoch)
+        except FileNotFoundError:
             continue
         for row in table.to_pylist():
             rows[tuple(row[key] for key in PER_EPOCH_KEYS[name])] = row
@@ -337,15 +351,26 @@ def apply(root: Path, writes: list[Write]) -> None:
             write_atomic(to_arrow(write.table, write.rows), path)
 
 
-def compact(folder: str | Path, trial_ids: set[str] = frozenset()) -> list[str]:
-    """Merge the per-epoch part files of every trial that has some, and of ``trial_ids``, into one
-    file per trial and table: what a finished run or study holds. Returns the trials merged."""
+def compact(folder: str | Path, records: dict[str, TrialRecord] | None = None) -> list[str]:
+    """Merge the per-epoch part files into one file per trial and table, what a finished run or
+    study holds: of each trial in ``records`` (the driver's own, which know their files), and of
+    every other trial with per-epoch files on disk (left by a driver that died). Each table's
+    folder is listed once, not once per trial. Returns the trials merged."""
     root = Path(folder)
-    parts = [part for name in PER_EPOCH_KEYS for part in StudyFolder(root).parts(name)]
-    unmerged = {part_trial(part) for part in parts if part_epoch(part) is not None}
-    merged = sorted(unmerged | set(trial_ids))
+    records = records or {}
+    listed: dict[str, dict[str, list[Path]]] = {}
+    for name in PER_EPOCH_KEYS:
+        for part in StudyFolder(root).parts(name):
+            listed.setdefault(part_trial(part), {}).setdefault(name, []).append(part)
+    unmerged = {
+        trial_id
+        for trial_id, parts in listed.items()
+        if any(part_epoch(part) is not None for table_parts in parts.values() for part in table_parts)
+    }
+    merged = sorted(unmerged | set(records))
     for trial_id in merged:
-        TrialRecord.load(root, trial_id).compact(root)
+        record = records.get(trial_id) or TrialRecord.load(root, trial_id, listed.get(trial_id, {}))
+        record.compact(root)
     return merged
 
 
