@@ -75,15 +75,21 @@ def real_report() -> dict[str, Any]:
     return report.to_result()
 
 
-def reporter(config: dict[str, Any], template: dict[str, Any], epochs: int, times_dir: str) -> None:
-    """A trial that reports ``epochs`` copies of ``template`` (epoch numbers set) and nothing else."""
+def reporter(config: dict[str, Any], template: dict[str, Any], epochs: int, trials: int, times_dir: str) -> None:
+    """A trial that reports ``epochs`` copies of ``template`` (epoch numbers set) and nothing else,
+    once every trial of the arm is up: the rate then measures the driver at saturation, not Ray
+    starting the trials' processes one after another."""
+    trial_id = tune.get_context().get_trial_id()
+    Path(times_dir, f"{trial_id}.ready").touch()
+    deadline = time.time() + 300
+    while len(list(Path(times_dir).glob("*.ready"))) < trials and time.time() < deadline:
+        time.sleep(0.05)
     sent = []
     for epoch in range(1, epochs + 1):
         result = {**template, "epoch": epoch, "val_acc": 0.1 + 0.8 * epoch / epochs}
         result["layers"] = [{**row, "epoch": epoch} for row in template["layers"]]
         sent.append(time.time())
         tune.report(result)
-    trial_id = tune.get_context().get_trial_id()
     Path(times_dir, f"{trial_id}.json").write_text(json.dumps(sent))
 
 
@@ -154,7 +160,9 @@ def run_arm(arm: str, args: Any, template_ref: Any, root: Path) -> dict[str, Any
     watcher_done, watcher_seen = spawn.Event(), spawn.Queue()
     watcher = spawn.Process(target=watch, args=(folder, watcher_done, watcher_seen), daemon=True)
     watcher.start()
-    trainable = tune.with_parameters(reporter, template=template_ref, epochs=args.epochs, times_dir=str(times_dir))
+    trainable = tune.with_parameters(
+        reporter, template=template_ref, epochs=args.epochs, trials=args.trials, times_dir=str(times_dir)
+    )
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": 0.05}),
         # what the callbacks read off a trial's config (the searcher's trials get it from the space)

@@ -86,6 +86,7 @@ def run_one(space: str, every: int, folder: Path, wandb: str) -> None:
     from tune_cifar import search
 
     spent: dict[str, float] = defaultdict(float)
+    timeline: dict[str, list[float]] = defaultdict(list)  # when the driver saw each event (perf_counter)
 
     def time_the_driver() -> None:
         # Ray is imported only now, after the driver set its environment up (as in a real run).
@@ -101,6 +102,9 @@ def run_one(space: str, every: int, folder: Path, wandb: str) -> None:
                 for name in ("on_trial_start", "on_trial_result", "on_trial_complete", "suggest", "on_step_end"):
                     if name in vars(owner):
                         setattr(owner, name, _timed(getattr(owner, name), f"{label}: {name}", spent))
+            for name in ("setup", "on_trial_start", "on_trial_complete", "on_experiment_end"):
+                owner = console_callback.ConsoleCallback
+                setattr(owner, name, _noted(getattr(owner, name), name, timeline))
             return new_tuner(*args, **kwargs)
 
         tuner.new_tuner = timed_new_tuner
@@ -115,6 +119,7 @@ def run_one(space: str, every: int, folder: Path, wandb: str) -> None:
     argv = ["--space", space, "--name", "bench", "--storage-path", str(folder), "--wandb", wandb]
     code = search.main([*argv, "--checkpoint-every", str(every)])
     print("TIMINGS " + json.dumps(spent))
+    print("TIMELINE " + json.dumps(timeline))
     sys.exit(code)
 
 
@@ -130,6 +135,21 @@ def _timed(method: Any, label: str, spent: dict[str, float]) -> Any:
     return wrapper
 
 
+def _noted(method: Any, event: str, timeline: dict[str, list[float]]) -> Any:
+    """``method``, noting when it was called (and, for the experiment's end, when it returned)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        timeline[event].append(time.perf_counter())
+        try:
+            return method(*args, **kwargs)
+        finally:
+            if event == "on_experiment_end":
+                timeline["experiment ended"].append(time.perf_counter())
+
+    return wrapper
+
+
 def summarise(folder: Path, every: int, whole: float, stdout: str) -> dict[str, Any]:
     import pandas as pd
 
@@ -140,6 +160,7 @@ def summarise(folder: Path, every: int, whole: float, stdout: str) -> dict[str, 
     policy = CheckpointPolicy(every, plan.rungs)
     fit = float(re.search(r"epochs in ([0-9.]+) s", stdout).group(1))
     callbacks = json.loads(re.search(r"^TIMINGS (.*)$", stdout, re.MULTILINE).group(1))
+    timeline = json.loads(re.search(r"^TIMELINE (.*)$", stdout, re.MULTILINE).group(1))
     epochs = pd.read_parquet(folder / "epochs")
     gaps: dict[bool, list[float]] = {True: [], False: []}
     set_up = 0.0  # from the trial function's start to its first report, beyond the epoch itself
@@ -169,6 +190,10 @@ def summarise(folder: Path, every: int, whole: float, stdout: str) -> dict[str, 
         "driver parts": callbacks,
         "set-up": set_up / concurrency,
         "between trials": fit - trial_wall / concurrency,
+        # the driver's view: Tune's start to the first trial's start, and the last trial's end to
+        # the experiment's end (W&B closing its runs, the tables merged)
+        "before first trial": min(timeline["on_trial_start"]) - min(timeline["setup"]),
+        "after last trial": max(timeline["experiment ended"]) - max(timeline["on_trial_complete"]),
     }
 
 
@@ -190,6 +215,8 @@ def print_table(measured: list[dict[str, Any]], space: str, wandb: str) -> None:
         ("    per epoch with a checkpoint, s", lambda m: _fmt(m["with checkpoint"])),
         ("    per epoch without one, s", lambda m: _fmt(m["without checkpoint"])),
         ("  between trials (Ray: end, schedule, start), s", lambda m: f"{m['between trials']:.1f}"),
+        ("    Tune's start to the first trial's start, s", lambda m: f"{m['before first trial']:.1f}"),
+        ("    the last trial's end to the experiment's end, s", lambda m: f"{m['after last trial']:.1f}"),
         ("driver callbacks + searcher, s", lambda m: f"{m['driver']:.1f}"),
         *[(f"  {part}, s", timed(part)) for part in DRIVER_PARTS],
         ("epochs trained / num_samples x max_epochs", lambda m: f"{m['epochs']} / {m['budget']}"),

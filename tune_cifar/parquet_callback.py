@@ -6,10 +6,12 @@ Ray's own record of the study. Rows are keyed by ``(trial_id, epoch)`` and every
 trial reports replaces that epoch and drops any later ones, so a trial retried from an older
 checkpoint, or continued by ``--resume``, neither loses nor duplicates rows.
 
-The files are written by a thread of the driver's own, not in Ray Tune's event loop, which every
-trial's results pass through: the loop only notes what changed, and the thread
-writes whatever changed since its last round, a trial's several reports at once when they come
-faster than the disk takes them (``benchmarks/driver_throughput.py`` measures both).
+The files are written outside Ray Tune's event loop, which every trial's results pass through:
+the loop only notes what changed; a thread of the driver's takes whatever changed since its
+last round (a trial's several reports at once when they come faster than the disk takes them)
+and hands it to a process of its own, which turns the rows into Parquet and writes them, and
+waits for it. Encoding Parquet in the driver's interpreter took turns with Ray Tune's loop for
+it (``benchmarks/driver_throughput.py`` measures both).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from ray import tune
 
 from tune_cifar import tables
+from tune_cifar.helper_process import HelperProcess
 from tune_cifar.outcome import Outcome
 from tune_cifar.ray_trial import error_line, hyperparameter_row, outcome
 from tune_cifar.report import EpochReport
@@ -40,11 +43,13 @@ class ParquetCallback(tune.Callback):
         self._lock = threading.Condition()  # guards records and _changed, between Tune's loop and the writer
         self._changed: set[str] = set()  # trials with changes the writer has not taken yet
         self._writer: threading.Thread | None = None
+        self._encoder: HelperProcess | None = None  # encodes and writes the files (tables.serve_writes)
         self._closing = False
         self._failure: Exception | None = None  # a writer's error that is not the disk's: raised in Tune's loop
 
-    def __getstate__(self) -> dict[str, Any]:  # the lock and the thread stay with this driver
-        return {**self.__dict__, "_lock": None, "_changed": set(), "_writer": None, "_closing": False, "_failure": None}
+    def __getstate__(self) -> dict[str, Any]:  # the lock, the thread and the process stay with this driver
+        return {**self.__dict__, "_lock": None, "_changed": set(), "_writer": None, "_encoder": None,
+                "_closing": False, "_failure": None}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -93,12 +98,31 @@ class ParquetCallback(tune.Callback):
             if self.study.write_failures:
                 continue
             try:
-                tables.apply(self.study.folder.path, ops)
+                self._write(ops)
             except OSError as exc:
                 self.study.stop_on_write_failure(exc)
             except Exception as exc:  # a bug, not the disk: fail the study loudly, as a write in the loop would
                 self._failure = exc
                 return
+
+    def _write(self, ops: list[tables.Write]) -> None:
+        """Have the writer process carry out ``ops`` (started on first use), and raise what it raised."""
+        if self._encoder is None:
+            self._encoder = HelperProcess("tune_cifar.tables:serve_writes")
+        try:
+            self._encoder.send((self.study.folder.path, ops))
+            failure = self._encoder.receive()
+        except (BrokenPipeError, EOFError):
+            raise RuntimeError(f"the Parquet writer process ended (exit code {self._encoder.process.poll()})") from None
+        if failure is not None:
+            raise failure
+
+    def close(self) -> None:
+        """Flush, then end the writer process (the next change starts another)."""
+        self.flush()
+        if self._encoder is not None:
+            self._encoder.close()
+            self._encoder = None
 
     def flush(self) -> None:
         """Wait until everything reported so far is on disk (the writer thread ends; the next change
@@ -144,6 +168,7 @@ class ParquetCallback(tune.Callback):
                 tables.compact(self.study.folder.path, self.records)
             except OSError as exc:  # the per-epoch files stay whole; the next --resume merges them
                 self.study.stop_on_write_failure(exc)
+        self.close()
 
     def remove_orphans(self, known: set[str]) -> list[str]:
         """Delete part files of trials Ray no longer knows: started by a driver that died before
@@ -195,6 +220,7 @@ def repair_tables(study: StudyContext) -> list[str]:
             writer.on_trial_error(0, [], trial)
         rebuilt.add(trial.trial_id)
     writer.flush()
+    writer.close()
     return [
         f"{part}: damaged; set aside in {aside} and "
         + ("rebuilt from Ray's results" if part_trial(part) in rebuilt else "not rebuilt (no results)")

@@ -21,13 +21,14 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tune_cifar import config as cfg
+from tune_cifar import helper_process
 from tune_cifar.errors import UsageError
 from tune_cifar.outcome import FINISHED_STATUSES, Outcome
 from tune_cifar.report import EPOCH_COLUMNS
@@ -349,6 +350,20 @@ def apply(root: Path, writes: list[Write]) -> None:
             path.unlink(missing_ok=True)
         else:
             write_atomic(to_arrow(write.table, write.rows), path)
+
+
+def serve_writes(jobs: IO[bytes], replies: IO[bytes]) -> None:
+    """The driver's Parquet writer process (:class:`~tune_cifar.helper_process.HelperProcess`):
+    :func:`apply` each ``(root, writes)`` job in order, replying None, or the exception it raised
+    (a full disk's OSError stops the study; anything else is a bug, raised in the driver)."""
+    while (job := helper_process.receive(jobs)) is not None:
+        root, writes = job
+        try:
+            apply(root, writes)
+        except Exception as exc:
+            helper_process.reply(replies, exc)
+        else:
+            helper_process.reply(replies, None)
 
 
 def compact(folder: str | Path, records: dict[str, TrialRecord] | None = None) -> list[str]:
