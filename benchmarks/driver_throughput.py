@@ -12,6 +12,8 @@ prints side by side in one run, one Ray session:
   searcher), each of the
   project's parts alone (``parquet``, ``console``, ``wandb`` offline, ``searcher``: TPE in SQLite),
   and ``all``; with each arm's ratio to ``bare``;
+* the CPU time Tune's loop thread spends per result (its own work and the callbacks', however
+  many cores the rest leaves it: on a head node with free cores, 1000 / that is the ceiling);
 * for the arms that write Parquet: the lag from a report to its ``epochs`` row readable on disk
   (a process of its own polls the table as a reader would; median, 95th percentile, maximum);
 * the cost of one report's write (``TrialRecord.add`` + ``write``: the Parquet writer thread's
@@ -119,13 +121,17 @@ def watch(folder: Path, done: Any, seen_out: Any) -> None:
 
 
 class ResultClock(tune.Callback):
-    """Notes when the driver handled each result: the rate it absorbs them at."""
+    """Notes when the driver handled each result (the rate it absorbs them at), and the CPU time
+    Tune's loop thread had used by then (what the loop itself spends per result, however many
+    cores the other processes leave it)."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.loop_cpu: list[float] = []
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self.times.append(time.time())
+        self.loop_cpu.append(time.thread_time())
 
 
 def run_arm(arm: str, args: Any, template_ref: Any, root: Path) -> dict[str, Any]:
@@ -179,13 +185,14 @@ def run_arm(arm: str, args: Any, template_ref: Any, root: Path) -> dict[str, Any
     watcher.join()
     handled = counter.times
     rate = (len(handled) - 1) / (handled[-1] - handled[0]) if len(handled) > 1 else float("nan")
+    loop_ms = 1000 * (counter.loop_cpu[-1] - counter.loop_cpu[0]) / max(1, len(handled) - 1)
     lags = []
     for times_file in times_dir.glob("*.json"):
         trial_id = times_file.stem
         for epoch, sent in enumerate(json.loads(times_file.read_text()), start=1):
             if (trial_id, epoch) in seen:
                 lags.append(seen[(trial_id, epoch)] - sent)
-    return {"arm": arm, "results": len(handled), "rate": rate, "lags": lags}
+    return {"arm": arm, "results": len(handled), "rate": rate, "loop_ms": loop_ms, "lags": lags}
 
 
 def report_cost(template: dict[str, Any], root: Path, repeats: int = 20) -> dict[int, float]:
@@ -248,13 +255,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ray.shutdown()
     bare = next((r["rate"] for r in results if r["arm"] == "bare"), float("nan"))
     print(f"{args.trials} trials × {args.epochs} reports, each a real report (epoch row, 18 layer rows, summary)")
-    print("| arm | results/s absorbed | × bare | report → row on disk: median / p95 / max (s) |")
-    print("| --- | --- | --- | --- |")
+    columns = ("arm", "results/s absorbed", "× bare", "Tune's loop: CPU ms per result",
+               "report → row on disk: median / p95 / max (s)")  # fmt: skip
+    print("| " + " | ".join(columns) + " |")
+    print("| --- | --- | --- | --- | --- |")
     for r in results:
         lags = sorted(r["lags"])
         lag = (f"{statistics.median(lags):.2f} / {lags[int(0.95 * (len(lags) - 1))]:.2f} / {lags[-1]:.2f}"
                if lags else "–")  # fmt: skip
-        print(f"| {r['arm']} | {r['rate']:.0f} | {r['rate'] / bare:.2f} | {lag} |")
+        print(f"| {r['arm']} | {r['rate']:.0f} | {r['rate'] / bare:.2f} | {r['loop_ms']:.2f} | {lag} |")
     print(f"one report's TrialRecord.add + write: {1000 * costs[1]:.1f} ms at epoch 1, "
           f"{1000 * costs[100]:.1f} ms at epoch 100 ({costs[100] / costs[1]:.2f}×)")  # fmt: skip
     return 0

@@ -38,6 +38,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SPACE = REPO / "benchmarks" / "one_second_epochs.yaml"
 # The driver-side methods timed (class label: method), as printed.
+RAY_START = "Ray start (ray.init)"
+RAY_STOP = "Ray stop (ray.shutdown)"
 DRIVER_PARTS = (
     "Parquet callback: on_trial_result",
     "Parquet callback: on_trial_start",
@@ -116,6 +118,8 @@ def run_one(space: str, every: int, folder: Path, wandb: str) -> None:
         time_the_driver()
 
     search.ray_session.prepare_environment = prepare_then_time
+    for name, label in (("connect", RAY_START), ("shutdown", RAY_STOP)):  # outside Tuner.fit, inside the command
+        setattr(search.ray_session, name, _timed(getattr(search.ray_session, name), label, spent))
     argv = ["--space", space, "--name", "bench", "--storage-path", str(folder), "--wandb", wandb]
     code = search.main([*argv, "--checkpoint-every", str(every)])
     print("TIMINGS " + json.dumps(spent))
@@ -174,7 +178,7 @@ def summarise(folder: Path, every: int, whole: float, stdout: str) -> dict[str, 
     compute = float(epochs["seconds"].sum())
     concurrency = _concurrency(plan.max_concurrent)
     reporting = (sum(gaps[True]) + sum(gaps[False])) / concurrency
-    driver = sum(callbacks.values())
+    driver = sum(callbacks.get(part, 0.0) for part in DRIVER_PARTS)
     return {
         "every": every,
         "epochs": len(epochs),
@@ -217,6 +221,9 @@ def print_table(measured: list[dict[str, Any]], space: str, wandb: str) -> None:
         ("  between trials (Ray: end, schedule, start), s", lambda m: f"{m['between trials']:.1f}"),
         ("    Tune's start to the first trial's start, s", lambda m: f"{m['before first trial']:.1f}"),
         ("    the last trial's end to the experiment's end, s", lambda m: f"{m['after last trial']:.1f}"),
+        ("outside Tuner.fit (whole command - fit), s", lambda m: f"{m['whole'] - m['fit']:.1f}"),
+        (f"  {RAY_START}, s", timed(RAY_START)),
+        (f"  {RAY_STOP}, s", timed(RAY_STOP)),
         ("driver callbacks + searcher, s", lambda m: f"{m['driver']:.1f}"),
         *[(f"  {part}, s", timed(part)) for part in DRIVER_PARTS],
         ("epochs trained / num_samples x max_epochs", lambda m: f"{m['epochs']} / {m['budget']}"),

@@ -32,6 +32,7 @@ import pandas as pd
 import pytest
 
 from tune_cifar import config as cfg
+from tune_cifar import optuna_db
 from tune_cifar.study_folder import StudyContext, StudyFolder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -727,7 +728,7 @@ def test_searcher_tells_optuna_the_right_states_and_survives_a_lagging_checkpoin
     restored.on_trial_result("c", result(2, 0.25))  # the errored trial, retried by --resume
     restored.on_trial_complete("c", result(3, 0.35))
     restored.on_trial_complete("g", result(1, 0.01))
-    assert search_mod.finish_study("unit", StudyFolder(tmp_path)) == 0
+    assert optuna_db.finish_study("unit", StudyFolder(tmp_path)) == 0
 
     trials = optuna.load_study(study_name="unit", storage=StudyFolder(tmp_path).optuna_url).get_trials()
     by_ray = {t.user_attrs["ray_trial_id"]: t for t in trials}
@@ -748,7 +749,7 @@ def test_errored_trials_fail_when_the_study_ends(tmp_path: Path) -> None:
     search = search_mod.StudySearch(spaces.load("smoke"), StudyContext(tmp_path, "errors", 8), seed=1)
     search.suggest("x")
     search.on_trial_complete("x", error=True)
-    assert search_mod.finish_study("errors", StudyFolder(tmp_path)) == 1
+    assert optuna_db.finish_study("errors", StudyFolder(tmp_path)) == 1
     (trial,) = optuna.load_study(study_name="errors", storage=StudyFolder(tmp_path).optuna_url).get_trials()
     assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["stop_reason"] == "error"
 
@@ -768,7 +769,7 @@ def test_a_failed_trial_stays_failed_when_a_finished_study_resumes(tmp_path: Pat
     search.on_trial_complete("x", error=True)
     checkpoint = tmp_path / "searcher-state.pkl"
     search.save(str(checkpoint))
-    assert search_mod.finish_study(study.name, study.folder) == 1
+    assert optuna_db.finish_study(study.name, study.folder) == 1
     restored = pickle.loads(pickle.dumps(search))
     restored.restore(str(checkpoint))
     restored.on_trial_result("x", {"epoch": 2, "val_acc": 0.2})

@@ -280,13 +280,13 @@ def _close(args: Any, plan: StudyPlan, storage: StudyStorage, fit: Fit) -> int:
         trials = None
     counts = outcome_counts(trials) if trials is not None else {}
     unfinished = max(0, plan.num_samples - sum(n for outcome, n in counts.items() if outcome.final))
-    from tune_cifar import searcher
+    from tune_cifar import optuna_db
 
     if not unfinished:
-        searcher.finish_study(plan.name, storage.local)
+        optuna_db.finish_study(plan.name, storage.local)
         if not args.keep_checkpoints:
             _remove_finished_checkpoints(storage, trials)
-    searcher.checkpoint_database(storage.local)
+    optuna_db.checkpoint_database(storage.local)
     storage.sync("up")
     code = _report(plan, storage, fit, trials, counts)
     if unfinished:

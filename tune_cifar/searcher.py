@@ -7,8 +7,9 @@ plain Ray ``Searcher`` that owns the Optuna side instead:
 
 * ``suggest`` asks Optuna for a trial and samples the space define-by-run
   (:class:`~tune_cifar.spaces.DefineByRun`: a child key only when its parent activates it);
-* every epoch's ``val_acc`` is an intermediate value (``trial.report(value, epoch)``),
-  including the last one before a stop (Ray does not pass that one to ``on_trial_result``);
+* every epoch's ``val_acc`` is an intermediate value (``trial.report(value, epoch)``, written by a
+  helper process: :class:`tune_cifar.optuna_db.ReportWriter`), including the last one before a
+  stop (Ray does not pass that one to ``on_trial_result``);
 * a trial that ends is told its outcome's Optuna state (:func:`tune_cifar.outcome.decide`):
   ``COMPLETE`` with its final accuracy when it ran every epoch, ``PRUNED`` when ASHA stopped it
   (Optuna keeps the last intermediate value, and TPE ranks it below finished trials); one that
@@ -24,11 +25,9 @@ reconciles the two so every Ray trial ends as exactly one Optuna trial.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import pickle
-import sqlite3
 from typing import Any
 
 import optuna
@@ -36,10 +35,11 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher, SearchGenerator
 
 from tune_cifar import private_api
+from tune_cifar.optuna_db import ReportWriter, open_database
 from tune_cifar.outcome import Outcome, decide
 from tune_cifar.report import EpochReport
 from tune_cifar.spaces import DefineByRun, Space
-from tune_cifar.study_folder import StudyContext, StudyFolder
+from tune_cifar.study_folder import StudyContext
 
 logger = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -75,6 +75,7 @@ class StudySearch(Searcher):
         for point in space.grid_points():
             self._optuna.enqueue_trial(point)
         self._trials: dict[str, optuna.Trial] = {}
+        self._reports = ReportWriter(study.folder)  # intermediate values, written by a helper process
 
     # -- asking ------------------------------------------------------------------------------
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
@@ -104,9 +105,10 @@ class StudySearch(Searcher):
         if trial_id in self.finished_before:
             self.completed.add(trial_id)
             return  # told by the driver that died; the resumed run repeats the same epochs
-        trial = self._trial(trial_id)
         report = EpochReport.from_result(result or {})
         self._report(trial_id, report)  # Ray withholds the result it stopped the trial on
+        self._reports.sync()  # Optuna tells a PRUNED trial its last intermediate value: it must be in
+        trial = self._trial(trial_id)
         self.completed.add(trial_id)
         epochs_run = self.epochs.get(trial_id, 0)
         ended = decide(epochs_run, self.targets[trial_id], error=error, last_train_loss=report.epoch.get("train_loss"))
@@ -142,7 +144,7 @@ class StudySearch(Searcher):
         if epoch < 1 or value is None:
             return
         if epoch > self.epochs.get(trial_id, 0):
-            self._trial(trial_id).report(value, epoch)  # a repeated epoch (after a retry) keeps the first value
+            self._reports.report(self.optuna_ids[trial_id], epoch, value)  # a repeated epoch keeps the first value
         self.epochs[trial_id] = epoch
 
     def _trial(self, trial_id: str) -> optuna.Trial:
@@ -156,13 +158,14 @@ class StudySearch(Searcher):
     # is the study, reopened from the study context (the resuming driver's folder) on the way back.
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_optuna": None, "_trials": {}}
+        return {**self.__dict__, "_optuna": None, "_trials": {}, "_reports": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._reopen()
 
     def save(self, checkpoint_path: str) -> None:
+        self._reports.sync()  # the database holds at least what the saved state says was reported
         with open(checkpoint_path, "wb") as file:
             pickle.dump(self.__getstate__(), file)
 
@@ -193,6 +196,7 @@ class StudySearch(Searcher):
 
     def _reopen(self) -> None:
         self._trials = {}
+        self._reports = ReportWriter(self.study.folder)
         if not self.study.folder.optuna_db.is_file():
             return  # unpickled outside a driver (the database is elsewhere): nothing to reopen
         self._optuna = optuna.load_study(
@@ -218,46 +222,6 @@ class StudyTrials(SearchGenerator):
     def set_state(self, state: dict[str, Any]) -> None:
         super().set_state(state)
         private_api.set_trial_count(self, self.searcher.study.num_samples)
-
-
-def open_database(folder: StudyFolder) -> optuna.storages.RDBStorage:
-    """The study's Optuna database as the driver writes it: a write-ahead log, no fsync per commit.
-
-    Every epoch of every trial is one ``trial.report``, one transaction. With SQLite's defaults
-    (a rollback journal, fsync on every commit) one took 13.6 ms on the development machine, which
-    capped the whole driver near 70 reports a second; in WAL mode with ``synchronous=NORMAL``,
-    0.7 ms. A crash of the driver loses nothing; a power loss may lose the last transactions but
-    never corrupts the file, and ``--resume`` reconciles the database with Ray's state anyway
-    (:meth:`StudySearch.restore`). WAL mode stays with the file; :func:`checkpoint_database` folds
-    the log into it before the study is copied anywhere.
-    """
-    path = folder.optuna_db.resolve()
-
-    def connect() -> sqlite3.Connection:
-        connection = sqlite3.connect(path, check_same_thread=False)  # SQLAlchemy's pool may hand it to any thread
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
-        return connection
-
-    return optuna.storages.RDBStorage(folder.optuna_url, engine_kwargs={"creator": connect})
-
-
-def checkpoint_database(folder: StudyFolder) -> None:
-    """Fold the write-ahead log into ``optuna.db``, so that the one file holds the whole study (what
-    remote storage copies, and what a user copies away)."""
-    if folder.optuna_db.is_file():
-        with contextlib.closing(sqlite3.connect(folder.optuna_db)) as connection:
-            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-
-def finish_study(name: str, folder: StudyFolder) -> int:
-    """After a study ran to its end: tell FAIL for trials still RUNNING in the database (errored
-    for good, or asked by a driver that died and never used). Returns how many."""
-    optuna_study = optuna.load_study(study_name=name, storage=folder.optuna_url)
-    running = optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for trial in running:
-        optuna_study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-    return len(running)
 
 
 def _finite(value: Any) -> float | None:

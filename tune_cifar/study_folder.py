@@ -54,7 +54,7 @@ class StudyFolder:
 
     @property
     def optuna_files(self) -> tuple[Path, ...]:
-        """The database with its write-ahead log and index (WAL mode: tune_cifar.searcher.open_database)."""
+        """The database with its write-ahead log and index (WAL mode: tune_cifar.optuna_db.open_database)."""
         return (self.optuna_db, *(self.optuna_db.with_name(f"{self.OPTUNA_DB}-{end}") for end in ("wal", "shm")))
 
     @property
