@@ -30,9 +30,11 @@ from typing import IO, Any
 
 class HelperProcess:
     """``module:function`` run in a new Python process as ``function(jobs, replies, *args)``,
-    where ``jobs`` and ``replies`` are the two ends of its pipes (see :func:`receive`, :func:`reply`)."""
+    where ``jobs`` and ``replies`` are the two ends of its pipes (see :func:`receive`, :func:`reply`):
+    jobs without an answer (:meth:`send`), or with one (:meth:`call`)."""
 
     def __init__(self, target: str, *args: Any):
+        self.target = target
         jobs_read, jobs_write = os.pipe()
         replies_read, replies_write = os.pipe()
         package_root = str(Path(__file__).resolve().parent.parent)  # importable however the driver found it
@@ -54,23 +56,23 @@ class HelperProcess:
         pickle.dump(job, self._jobs, protocol=pickle.HIGHEST_PROTOCOL)
         self._jobs.flush()
 
-    def receive(self) -> Any:
-        """The helper's next reply; EOFError when it ended without one."""
-        return pickle.load(self._replies)
+    def call(self, job: Any) -> None:
+        """Hand the helper one job and wait for its reply: None, or an exception it caught, raised
+        here; a RuntimeError naming the helper when it has ended."""
+        try:
+            self.send(job)
+            failure = pickle.load(self._replies)
+        except (BrokenPipeError, EOFError):
+            raise RuntimeError(f"the helper process {self.target} ended (exit code {self.process.poll()})") from None
+        if failure is not None:
+            raise failure
 
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def close(self, timeout_s: float | None = None) -> bool:
-        """End the helper's input and wait up to ``timeout_s`` for it to finish its jobs; whether it did."""
+    def close(self) -> None:
+        """End the helper's input and wait for it to finish its jobs and exit."""
         with contextlib.suppress(BrokenPipeError):  # it ended already
             self._jobs.close()
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            return False
+        self.process.wait()
         self._replies.close()
-        return True
 
 
 def receive(jobs: IO[bytes]) -> Any:
@@ -82,6 +84,7 @@ def receive(jobs: IO[bytes]) -> Any:
 
 
 def reply(replies: IO[bytes], answer: Any) -> None:
+    """Answer the job :meth:`HelperProcess.call` waits on: None, or the exception to raise there."""
     pickle.dump(answer, replies, protocol=pickle.HIGHEST_PROTOCOL)
     replies.flush()
 

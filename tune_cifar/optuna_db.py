@@ -63,7 +63,8 @@ def finish_study(name: str, folder: StudyFolder) -> int:
 
 
 class ReportWriter:
-    """Intermediate values on their way into the database, written by a helper process in order."""
+    """Intermediate values on their way into the database, written by a helper process in order.
+    The helper ends with the driver (its input closes)."""
 
     def __init__(self, folder: StudyFolder):
         self.folder = folder
@@ -73,32 +74,15 @@ class ReportWriter:
         """``trial.report(value, epoch)``, done by the helper; returns at once."""
         if self._process is None:
             self._process = helper_process.HelperProcess("tune_cifar.optuna_db:serve_reports", self.folder)
-        self._send(("report", optuna_trial_id, epoch, value))
+        try:
+            self._process.send(("report", optuna_trial_id, epoch, value))
+        except BrokenPipeError:
+            self._process.call(("sync",))  # raises, naming the helper that ended
 
     def sync(self) -> None:
         """Wait until every report so far is in the database; raise what a write raised."""
-        if self._process is None:
-            return
-        self._send(("sync",))
-        try:
-            failure = self._process.receive()
-        except EOFError:
-            raise RuntimeError(f"the Optuna writer process ended (exit code {self._process.process.poll()})") from None
-        if failure is not None:
-            raise failure
-
-    def close(self) -> None:
-        """Sync, then end the helper (the next report starts another)."""
-        self.sync()
         if self._process is not None:
-            self._process.close()
-            self._process = None
-
-    def _send(self, job: tuple) -> None:
-        try:
-            self._process.send(job)
-        except BrokenPipeError:
-            raise RuntimeError(f"the Optuna writer process ended (exit code {self._process.process.poll()})") from None
+            self._process.call(("sync",))
 
 
 def serve_reports(jobs: IO[bytes], replies: IO[bytes], folder: StudyFolder) -> None:

@@ -109,13 +109,7 @@ class ParquetCallback(tune.Callback):
         """Have the writer process carry out ``ops`` (started on first use), and raise what it raised."""
         if self._encoder is None:
             self._encoder = HelperProcess("tune_cifar.tables:serve_writes")
-        try:
-            self._encoder.send((self.study.folder.path, ops))
-            failure = self._encoder.receive()
-        except (BrokenPipeError, EOFError):
-            raise RuntimeError(f"the Parquet writer process ended (exit code {self._encoder.process.poll()})") from None
-        if failure is not None:
-            raise failure
+        self._encoder.call((self.study.folder.path, ops))
 
     def close(self) -> None:
         """Flush, then end the writer process (the next change starts another)."""
