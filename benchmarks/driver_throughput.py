@@ -13,10 +13,11 @@ prints side by side in one run, one Ray session:
   project's parts alone (``parquet``, ``console``, ``wandb`` offline, ``searcher``: TPE in SQLite),
   and ``all``; with each arm's ratio to ``bare``;
 * the CPU time Tune's loop thread spends per result (its own work and the callbacks', however
-  many cores the rest leaves it: on a head node with free cores, 1000 / that is the ceiling);
+  many cores the rest leaves it: on a head node with free cores, 1000 / that is the loop's
+  ceiling, and the Parquet write's cost below the writer's);
 * for the arms that write Parquet: the lag from a report to its ``epochs`` row readable on disk
   (a process of its own polls the table as a reader would; median, 95th percentile, maximum);
-* the cost of one report's write (``TrialRecord.add`` + ``write``: the Parquet writer thread's
+* the cost of one report's write (``TrialRecord.add`` + ``write``: the Parquet writer helper's
   work) from epoch 1 on and from epoch 100 on, without Ray: whether it grows with the trial's length.
 
 ``--trials N --epochs R`` (default 16 × 30). Name the CPU with the figures

@@ -111,15 +111,20 @@ def _once(root: Path) -> pd.DataFrame:
 def test_a_report_writes_its_own_epoch_and_never_an_earlier_one(tmp_path: Path) -> None:
     """A report's cost does not grow with the trial: it writes its epoch's files and the trial's row."""
     record = TrialRecord("t")
-    for epoch in (1, 2, 3):
+    _report(record, 1, 0.1)
+    first = [str(op.path) for op in record.changes()]
+    # a new trial's row first: a trial without one has no files, so a driver need not list folders for it
+    assert first == ["trials/part-t.parquet", "epochs/part-t.e00001.parquet", "layers/part-t.e00001.parquet"]
+    _report(record, 1, 0.1)
+    for epoch in (2, 3):
         _report(record, epoch, epoch / 10)
         record.write(tmp_path)
     inodes = {part: part.stat().st_ino for part in tmp_path.rglob("*.e0000[12].parquet")}
     _report(record, 4, 0.4)
     ops = record.changes()
     written = [str(op.path) for op in ops if op.rows is not None]
-    # the trial's row first: a trial without one has no files, so a driver need not list folders for it
-    assert written == ["trials/part-t.parquet", "epochs/part-t.e00004.parquet", "layers/part-t.e00004.parquet"]
+    # later rows after the epochs they count: a reader never sees epochs_run ahead of the epochs table
+    assert written == ["epochs/part-t.e00004.parquet", "layers/part-t.e00004.parquet", "trials/part-t.parquet"]
     apply(tmp_path, ops)
     assert not any(record.pending.values())  # the driver keeps no trial's history once it is on disk
     assert {part: part.stat().st_ino for part in inodes} == inodes  # earlier epochs' files never replaced
@@ -178,3 +183,18 @@ def test_a_merge_cut_short_reads_once_and_the_next_write_heals_it(tmp_path: Path
     assert _once(tmp_path)["val_acc"].tolist() == [0.1, 0.2, 0.3]
     compact(tmp_path)
     assert _files(tmp_path, "epochs") == ["part-t.parquet"] and _once(tmp_path)["epoch"].tolist() == [1, 2, 3]
+
+
+def test_compact_merges_epoch_files_the_drivers_record_does_not_know(tmp_path: Path) -> None:
+    """Epoch files the driver's record was never told of (an older driver's, written before its
+    trials row) are merged with the rest at the end, not left to shadow the merged rows."""
+    older = TrialRecord("t")
+    for epoch in (1, 2):
+        _report(older, epoch, epoch / 10)
+        older.write(tmp_path)
+    driver = TrialRecord("t")  # as a driver holds a trial it did not load from disk
+    _report(driver, 3, 0.3)
+    driver.write(tmp_path)
+    assert compact(tmp_path, {"t": driver}) == ["t"]
+    assert _files(tmp_path, "epochs") == _files(tmp_path, "layers") == ["part-t.parquet"]
+    assert _once(tmp_path)["val_acc"].tolist() == [0.1, 0.2, 0.3]

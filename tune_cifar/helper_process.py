@@ -79,13 +79,19 @@ def receive(jobs: IO[bytes]) -> Any:
     """The helper's next job; None once the driver closed its input (or died)."""
     try:
         return pickle.load(jobs)
-    except EOFError:
+    except (EOFError, pickle.UnpicklingError):  # the end, or the driver died half-way through a job
         return None
 
 
 def reply(replies: IO[bytes], answer: Any) -> None:
-    """Answer the job :meth:`HelperProcess.call` waits on: None, or the exception to raise there."""
-    pickle.dump(answer, replies, protocol=pickle.HIGHEST_PROTOCOL)
+    """Answer the job :meth:`HelperProcess.call` waits on: None, or the exception to raise there
+    (as a RuntimeError with its text when it does not pickle)."""
+    try:
+        data = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        cause = f" ({answer.__cause__!r})" if isinstance(answer, BaseException) and answer.__cause__ else ""
+        data = pickle.dumps(RuntimeError(f"{answer!r}{cause}"), protocol=pickle.HIGHEST_PROTOCOL)
+    replies.write(data)
     replies.flush()
 
 

@@ -98,25 +98,27 @@ class ParquetCallback(tune.Callback):
             if self.study.write_failures:
                 continue
             try:
-                self._write(ops)
+                if self._encoder is None:  # a failure to start it is not the disk's
+                    self._encoder = HelperProcess("tune_cifar.tables:serve_writes")
+            except Exception as exc:
+                self._failure = exc
+                return
+            try:
+                self._encoder.call((self.study.folder.path, ops))
             except OSError as exc:
                 self.study.stop_on_write_failure(exc)
             except Exception as exc:  # a bug, not the disk: fail the study loudly, as a write in the loop would
                 self._failure = exc
                 return
 
-    def _write(self, ops: list[tables.Write]) -> None:
-        """Have the writer process carry out ``ops`` (started on first use), and raise what it raised."""
-        if self._encoder is None:
-            self._encoder = HelperProcess("tune_cifar.tables:serve_writes")
-        self._encoder.call((self.study.folder.path, ops))
-
     def close(self) -> None:
         """Flush, then end the writer process (the next change starts another)."""
-        self.flush()
-        if self._encoder is not None:
-            self._encoder.close()
-            self._encoder = None
+        try:
+            self.flush()
+        finally:
+            if self._encoder is not None:
+                self._encoder.close()
+                self._encoder = None
 
     def flush(self) -> None:
         """Wait until everything reported so far is on disk (the writer thread ends; the next change
@@ -155,14 +157,16 @@ class ParquetCallback(tune.Callback):
             record = self.records.get(trial.trial_id)
             if record is not None and record.trial.get("status") == Outcome.RUNNING.status:
                 self._update(trial, **outcome(trial, ended=False, interrupted=True).columns())
-        self.flush()
-        if not self.study.write_failures:
-            self.remove_orphans({trial.trial_id for trial in trials})
-            try:
-                tables.compact(self.study.folder.path, self.records)
-            except OSError as exc:  # the per-epoch files stay whole; the next --resume merges them
-                self.study.stop_on_write_failure(exc)
-        self.close()
+        try:
+            self.flush()
+            if not self.study.write_failures:
+                self.remove_orphans({trial.trial_id for trial in trials})
+                try:
+                    tables.compact(self.study.folder.path, self.records)
+                except OSError as exc:  # the per-epoch files stay whole; the next --resume merges them
+                    self.study.stop_on_write_failure(exc)
+        finally:
+            self.close()
 
     def remove_orphans(self, known: set[str]) -> list[str]:
         """Delete part files of trials Ray no longer knows: started by a driver that died before
@@ -213,7 +217,6 @@ def repair_tables(study: StudyContext) -> list[str]:
         elif trial.status == "ERROR":
             writer.on_trial_error(0, [], trial)
         rebuilt.add(trial.trial_id)
-    writer.flush()
     writer.close()
     return [
         f"{part}: damaged; set aside in {aside} and "

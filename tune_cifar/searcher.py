@@ -144,7 +144,8 @@ class StudySearch(Searcher):
         if epoch < 1 or value is None:
             return
         if epoch > self.epochs.get(trial_id, 0):
-            self._reports.report(self.optuna_ids[trial_id], epoch, value)  # a repeated epoch keeps the first value
+            # only an epoch past the last one reported: a repeated epoch (a retry) keeps its first value
+            self._reports.report(self.optuna_ids[trial_id], epoch, value)
         self.epochs[trial_id] = epoch
 
     def _trial(self, trial_id: str) -> optuna.Trial:

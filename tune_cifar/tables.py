@@ -222,6 +222,7 @@ class TrialRecord:
     dirty: set[int] = field(default_factory=set)  # epochs whose rows changed since the last write
     dropped: set[int] = field(default_factory=set)  # epochs whose own part files are to go
     merged_stale: bool = False  # the merged files hold epochs that moved out or went
+    row_written: bool = False  # the trial's ``trials`` file exists
 
     def add(self, name: str, new_rows: list[dict[str, Any]]) -> None:
         """Add rows of a per-epoch table; a row with the same key (a retried epoch) replaces the old one."""
@@ -249,11 +250,14 @@ class TrialRecord:
     def changes(self) -> list[Write]:
         """What :meth:`write` would do, taken out of the record, in order (a row that moves is
         written before it is removed). The driver's writer thread takes them under a lock and
-        writes them outside it."""
+        has its helper process write them (:func:`serve_writes`)."""
         folder = StudyFolder(Path())
-        # The trial's row first: a trial with no ``trials`` file has no other files either, which
-        # lets :meth:`load` skip listing the folders for a trial new to the driver.
-        writes = [Write(folder.part("trials", self.trial_id), "trials", [{**self.trial, "trial_id": self.trial_id}])]
+        trial_row = Write(folder.part("trials", self.trial_id), "trials", [{**self.trial, "trial_id": self.trial_id}])
+        # A new trial's row comes first: a trial with no ``trials`` file has no other files either,
+        # which lets :meth:`load` skip listing the folders for a trial new to the driver. Later
+        # rows come last, after the epochs they count (a reader never sees epochs_run ahead of
+        # the epochs table).
+        writes = [] if self.row_written else [trial_row]
         for epoch in sorted(self.dirty):
             for name in PER_EPOCH_KEYS:
                 rows = [row for key, row in sorted(self.pending[name].items()) if row["epoch"] == epoch]
@@ -267,6 +271,9 @@ class TrialRecord:
         self.written = (self.written | self.dirty) - self.dropped
         self.pending = {name: {} for name in PER_EPOCH_KEYS}
         self.dirty, self.dropped, self.merged_stale = set(), set(), False
+        if self.row_written:
+            return [*writes, trial_row]
+        self.row_written = True
         return writes
 
     def write(self, root: Path) -> None:
@@ -302,6 +309,7 @@ class TrialRecord:
             return record
         if trials_part.exists():
             record.trial = pq.read_table(trials_part).to_pylist()[0]
+            record.row_written = True
         if parts is None:
             parts = {name: folder.parts(name, trial_id) for name in PER_EPOCH_KEYS}
         for name in PER_EPOCH_KEYS:
@@ -384,7 +392,11 @@ def compact(folder: str | Path, records: dict[str, TrialRecord] | None = None) -
     }
     merged = sorted(unmerged | set(records))
     for trial_id in merged:
-        record = records.get(trial_id) or TrialRecord.load(root, trial_id, listed.get(trial_id, {}))
+        parts = listed.get(trial_id, {})
+        record = records.get(trial_id) or TrialRecord.load(root, trial_id, parts)
+        # epoch files the record does not know (left by an older driver, or beside a trials file
+        # set aside as damaged) are merged too, or they would shadow the merged rows
+        record.written |= {epoch for files in parts.values() for part in files if (epoch := part_epoch(part))}
         record.compact(root)
     return merged
 

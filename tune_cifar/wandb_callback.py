@@ -45,9 +45,10 @@ class WandbCallback(tune.Callback):
         self.failed = False  # the W&B process ended early (it said why)
         self._jobs: queue.Queue | None = None
         self._feeder: threading.Thread | None = None
+        self._process: HelperProcess | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # open runs and the process stay with this driver
-        return {**self.__dict__, "open": set(), "failed": False, "_jobs": None, "_feeder": None}
+        return {**self.__dict__, "open": set(), "failed": False, "_jobs": None, "_feeder": None, "_process": None}
 
     def _submit(self, *job: Any) -> None:
         if self.failed:
@@ -67,19 +68,25 @@ class WandbCallback(tune.Callback):
         """Start the W&B process and pass it the jobs in order (a thread: a send waits while W&B
         opens a run, and Tune's loop must not); at the end, wait for it to close its runs."""
         where = (self.study.folder.path, self.study.name, self.mode, self.project)
-        process = HelperProcess("tune_cifar.wandb_runs:serve", *where)
+        try:
+            self._process = HelperProcess("tune_cifar.wandb_runs:serve", *where)
+        except Exception as exc:
+            self.failed = True
+            print(f"warning: W&B logging stopped (its process did not start: {exc}); the study continues")
+            return
         while (job := self._jobs.get()) is not None:
             try:
-                process.send(job)
+                self._process.send(job)
             except BrokenPipeError:  # W&B failed and said so; the study goes on without it
                 self.failed = True
                 break
-        process.close()
+        self._process.close()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         config = None if trial.trial_id in self.open else hyperparameter_row(trial)  # for opening its run
         self.open.add(trial.trial_id)
-        self._submit("log", trial.trial_id, config, EpochReport.from_result(result))
+        report = EpochReport.from_result(result)
+        self._submit("log", trial.trial_id, config, EpochReport(report.epoch, report.layers))  # W&B logs no steps
 
     def _close(self, trial: Any, ended: Outcome) -> None:
         """Hand the W&B process what closing ``trial``'s run needs, read now (Ray's trial changes later)."""
@@ -104,4 +111,5 @@ class WandbCallback(tune.Callback):
             self._feeder.join(timeout=WANDB_CLOSE_TIMEOUT_S)
             if self._feeder.is_alive():  # e.g. an online W&B that stopped answering: the study is done
                 print(f"warning: W&B runs still closing after {WANDB_CLOSE_TIMEOUT_S} s; not waiting any longer")
+                self._process.process.kill()  # in a session of its own, nothing else would stop it
             self._feeder = None

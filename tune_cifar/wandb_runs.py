@@ -125,3 +125,5 @@ def serve(jobs: IO[bytes], replies: IO[bytes], folder: Path, study: str, mode: s
             print(f"warning: W&B logging stopped ({type(exc).__name__}: {str(exc)[:200]}); the study continues",
                   flush=True)  # fmt: skip
             return
+    for run in runs.runs.values():  # the driver closes every run before its input: it died
+        run.finish(exit_code=1)
