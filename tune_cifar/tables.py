@@ -396,7 +396,8 @@ def compact(folder: str | Path, records: dict[str, TrialRecord] | None = None) -
         record = records.get(trial_id) or TrialRecord.load(root, trial_id, parts)
         # epoch files the record does not know (left by an older driver, or beside a trials file
         # set aside as damaged) are merged too, or they would shadow the merged rows
-        record.written |= {epoch for files in parts.values() for part in files if (epoch := part_epoch(part))}
+        epochs = (part_epoch(part) for files in parts.values() for part in files)
+        record.written |= {epoch for epoch in epochs if epoch is not None}
         record.compact(root)
     return merged
 
