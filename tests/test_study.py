@@ -475,13 +475,21 @@ def test_tables_read_while_the_study_writes_them_are_whole_and_each_row_once(tmp
         time.sleep(0.05)
         if not list((folder / "epochs").glob("*.parquet")):
             continue  # the first file is still under its temporary name
-        frames = {
-            "pandas": pd.read_parquet(folder / "epochs", columns=["trial_id", "epoch"]),
-            "pyarrow": pq.read_table(folder / "epochs", columns=["trial_id", "epoch"]).to_pandas(),
-            "duckdb": duckdb.sql(f"SELECT trial_id, epoch FROM read_parquet('{folder}/epochs/*.parquet')").df(),
-        }
-        for reader, frame in frames.items():
-            assert not frame.duplicated().any(), (reader, frame)
+        try:
+            frames = {
+                "pandas": pd.read_parquet(folder / "epochs", columns=["trial_id", "epoch"]),
+                "pyarrow": pq.read_table(folder / "epochs", columns=["trial_id", "epoch"]).to_pandas(),
+                "duckdb": duckdb.sql(f"SELECT trial_id, epoch FROM read_parquet('{folder}/epochs/*.parquet')").df(),
+            }
+            for reader, frame in frames.items():
+                assert not frame.duplicated().any(), (reader, frame)
+        except (FileNotFoundError, duckdb.IOException, AssertionError):
+            # the merge at the study's end (README: a reader may then find a file gone or a row twice)
+            # starts only once every trial's final row is on disk; before that, any of these fails
+            finished = pd.read_parquet(folder / "trials", columns=["status"])["status"].eq("TERMINATED").sum()
+            if finished == trials_n:
+                break
+            raise
         sizes.append(len(frames["pandas"]))
         finished = pd.read_parquet(folder / "trials", columns=["status"])["status"].eq("TERMINATED").sum()
         if finished >= trials_n - 1:
