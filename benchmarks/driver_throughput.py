@@ -17,8 +17,11 @@ prints side by side in one run, one Ray session:
   ceiling, and the Parquet write's cost below the writer's);
 * for the arms that write Parquet: the lag from a report to its ``epochs`` row readable on disk
   (a process of its own polls the table as a reader would; median, 95th percentile, maximum);
-* the cost of one report's write (``TrialRecord.add`` + ``write``: the Parquet writer helper's
-  work) from epoch 1 on and from epoch 100 on, without Ray: whether it grows with the trial's length.
+* the cost of one report's write (``TrialRecord.add`` + ``TableWriter.write``: the Parquet writer
+  helper's work) from epoch 1 on and from epoch 100 on, without Ray: whether it grows with the
+  trial's length; and of a writer round holding one report of each of the N trials (what the
+  writer does when reports come faster than single rounds): 1000 / its ms per report is the
+  writer's ceiling in reports per second.
 
 ``--trials N --epochs R`` (default 16 × 30). Name the CPU with the figures
 (``grep -m1 'model name' /proc/cpuinfo``); the machine should be otherwise idle.
@@ -197,19 +200,20 @@ def run_arm(arm: str, args: Any, template_ref: Any, root: Path) -> dict[str, Any
 
 
 def report_cost(template: dict[str, Any], root: Path, repeats: int = 20) -> dict[int, float]:
-    """Median seconds of TrialRecord.add + write for one report, over ``repeats`` reports from epoch
-    1 on and from epoch 100 on (the 99 epochs before on disk, as the driver left them)."""
+    """Median seconds of one writer round holding one trial's report (``TrialRecord.add`` +
+    ``TableWriter.write``), over ``repeats`` reports from epoch 1 on and from epoch 100 on (the
+    99 epochs before on disk, as the driver left them)."""
     from tune_cifar.report import EpochReport
-    from tune_cifar.tables import TrialRecord
+    from tune_cifar.tables import TableWriter
 
     costs = {}
     for at in (1, 100):
-        record = TrialRecord("cost")
-        folder = root / f"cost-{at}"
+        tables = TableWriter.open(root / f"cost-{at}")
+        record = tables.record("cost")
         for epoch in range(1, at):
             record.add("epochs", [{**template_epoch(template), "epoch": epoch}])
             record.add("layers", [{**row, "epoch": epoch} for row in template["layers"]])
-        record.write(folder)
+        tables.write()
         seconds = []
         for epoch in range(at, at + repeats):
             report = EpochReport.from_result({**template, "epoch": epoch})
@@ -217,10 +221,30 @@ def report_cost(template: dict[str, Any], root: Path, repeats: int = 20) -> dict
             record.add("epochs", [report.epoch])
             record.add("layers", [{**row, "epoch": epoch} for row in report.layers])
             record.trial = dict(report.trial)
-            record.write(folder)
+            tables.write()
             seconds.append(time.perf_counter() - started)
         costs[at] = statistics.median(seconds)
     return costs
+
+
+def round_cost(template: dict[str, Any], root: Path, trials: int, repeats: int = 10) -> float:
+    """Median seconds of a writer round holding one report of each of ``trials`` trials."""
+    from tune_cifar.report import EpochReport
+    from tune_cifar.tables import TableWriter
+
+    tables = TableWriter.open(root / "round-cost")
+    seconds = []
+    for epoch in range(1, repeats + 1):
+        report = EpochReport.from_result({**template, "epoch": epoch})
+        started = time.perf_counter()
+        for trial in range(trials):
+            record = tables.record(f"t{trial}")
+            record.add("epochs", [report.epoch])
+            record.add("layers", [{**row, "epoch": epoch} for row in report.layers])
+            record.trial = dict(report.trial)
+        tables.write()
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
 
 
 def template_epoch(template: dict[str, Any]) -> dict[str, Any]:
@@ -253,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append(run_arm(arm, args, template_ref, root))
             print(f"  {arm}: {results[-1]['results']} results handled", file=sys.stderr, flush=True)
         costs = report_cost(template, root)
+        shared = round_cost(template, root, args.trials)
     ray.shutdown()
     bare = next((r["rate"] for r in results if r["arm"] == "bare"), float("nan"))
     print(f"{args.trials} trials × {args.epochs} reports, each a real report (epoch row, 18 layer rows, summary)")
@@ -265,8 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         lag = (f"{statistics.median(lags):.2f} / {lags[int(0.95 * (len(lags) - 1))]:.2f} / {lags[-1]:.2f}"
                if lags else "–")  # fmt: skip
         print(f"| {r['arm']} | {r['rate']:.0f} | {r['rate'] / bare:.2f} | {r['loop_ms']:.2f} | {lag} |")
-    print(f"one report's TrialRecord.add + write: {1000 * costs[1]:.1f} ms at epoch 1, "
+    print(f"one report's TrialRecord.add + TableWriter.write: {1000 * costs[1]:.1f} ms at epoch 1, "
           f"{1000 * costs[100]:.1f} ms at epoch 100 ({costs[100] / costs[1]:.2f}×)")  # fmt: skip
+    per_report = shared / args.trials
+    print(
+        f"a round of {args.trials} trials' reports: {1000 * shared:.1f} ms, {1000 * per_report:.2f} ms a report "
+        f"(the writer's ceiling ≈ {1 / per_report:.0f} reports/s; one report a round: {1 / costs[1]:.0f}/s)"
+    )
     return 0
 
 

@@ -23,12 +23,12 @@ from tune_cifar.analysis import _study, best_config, bn_landscape, gradient_flow
 from tune_cifar.plan import StudyPlan
 from tune_cifar.spaces import load as load_space
 from tune_cifar.study_folder import StudyFolder
-from tune_cifar.tables import TrialRecord
+from tune_cifar.tables import TableWriter
 
 REPO = Path(__file__).resolve().parents[1]
 from tune_cifar.telemetry import layer_health  # noqa: E402
 
-# -- fabricated studies: consistent rows written with the project's own TrialRecord ---------------
+# -- fabricated studies: consistent rows written with the project's own TableWriter ---------------
 LAYERS = {  # name -> numel, as the conditioned CNN names its parameters (features before classifier)
     "features.conv1.weight": 1728,
     "features.conv1.bias": 64,
@@ -227,10 +227,11 @@ def make_fake_study(root: Path, trials: list[dict[str, Any]] = FAKE_TRIALS) -> P
     (batch_size), vanishing and exploding gradients, an errored trial.
     """
     folder = root / "fake_study"
+    tables = TableWriter.open(folder)
     for i, trial in enumerate(trials):
         config = cfg.TrainConfig(epochs=MAX_EPOCHS, **trial["config"])
         trial_id = f"t{i:02d}"
-        record = TrialRecord(trial_id)
+        record = tables.record(trial_id)
         epochs, healths = [], set()
         for epoch in range(1, trial["epochs_run"] + 1):
             val = trial["quality"] * (1 - 0.55 * math.exp(-epoch / 1.5)) + 0.004 * ((i + epoch) % 3)
@@ -272,7 +273,8 @@ def make_fake_study(root: Path, trials: list[dict[str, Any]] = FAKE_TRIALS) -> P
             "device": "cpu",
             "wall_s": 10.0 * trial["epochs_run"],
         }
-        record.write(folder)
+        tables.write()
+    tables.compact()
     write_plan(folder, grace_period=1, reduction_factor=2)
     return folder
 
@@ -299,6 +301,7 @@ def _study_health(healths: set[str]) -> str:
 def make_fake_bn_study(root: Path, steps_per_epoch: int = 40, epochs: int = 4, probe_every: int = 4) -> Path:
     """The BN-landscape grid with fabricated steps: BN trains faster and has the smoother landscape."""
     folder = root / "fake_bn"
+    tables = TableWriter.open(folder)
     rng = np.random.default_rng(0)
     for bn in (True, False):
         for lr in (1e-3, 2e-3, 1e-4, 5e-4):
@@ -312,7 +315,7 @@ def make_fake_bn_study(root: Path, steps_per_epoch: int = 40, epochs: int = 4, p
                 probe_every=probe_every,
             )
             trial_id = f"vgg_{'bn' if bn else 'nobn'}_lr{lr:g}"
-            record = TrialRecord(trial_id)
+            record = tables.record(trial_id)
             speed = (3.0 if bn else 1.0) * (lr / 1e-3) ** 0.5
             spread = 0.1 if bn else 0.6
             steps, epoch_rows = [], []
@@ -364,7 +367,8 @@ def make_fake_bn_study(root: Path, steps_per_epoch: int = 40, epochs: int = 4, p
                 "device": "cpu",
                 "wall_s": 5.0,
             }
-            record.write(folder)
+            tables.write()
+    tables.compact()
     return folder
 
 
@@ -421,6 +425,7 @@ def bn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tune_cifar.engine import Trainer
 
     folder = tmp_path_factory.mktemp("bn") / "bn_study"
+    tables = TableWriter.open(folder)
     splits = load_splits("synthetic", val_size=128, subset=640)
     for bn in (True, False):
         for lr in (2e-3, 1e-4):
@@ -436,7 +441,7 @@ def bn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 probe_every=2,
             )
             trainer = Trainer(config, splits)
-            record = TrialRecord(f"{'bn' if bn else 'nobn'}_lr{lr:g}")
+            record = tables.record(f"{'bn' if bn else 'nobn'}_lr{lr:g}")
             while trainer.epoch < config.epochs:
                 report = trainer.train_epoch()
                 record.add("epochs", [report.epoch])
@@ -450,7 +455,8 @@ def bn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "stop_reason": "completed",
                 "wall_s": 1.0,
             }
-            record.write(folder)
+            tables.write()
+    tables.compact()
     return folder
 
 

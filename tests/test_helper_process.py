@@ -25,13 +25,13 @@ def _epoch_rows(epoch: int) -> list[dict]:
 def test_the_writer_helper_writes_in_order_and_raises_the_disks_error_in_the_driver(tmp_path: Path) -> None:
     writer = HelperProcess("tune_cifar.tables:serve_writes")
     try:
-        writer.call((tmp_path, [Write(Path("epochs/part-t.e00001.parquet"), "epochs", _epoch_rows(1))]))
-        writer.call((tmp_path, [Write(Path("epochs/part-t.e00002.parquet"), "epochs", _epoch_rows(2))]))
+        writer.call((tmp_path, [Write(Path("epochs/round-00000001.parquet"), "epochs", _epoch_rows(1))]))
+        writer.call((tmp_path, [Write(Path("epochs/round-00000002.parquet"), "epochs", _epoch_rows(2))]))
         assert pd.read_parquet(tmp_path / "epochs")["epoch"].tolist() == [1, 2]  # on disk once call returned
         blocked = tmp_path / "a-file"
         blocked.write_text("not a folder")
         with pytest.raises(OSError):  # as the write raised it in the helper: the study stops on a disk error
-            writer.call((blocked, [Write(Path("epochs/part-t.e00003.parquet"), "epochs", _epoch_rows(3))]))
+            writer.call((blocked, [Write(Path("epochs/round-00000003.parquet"), "epochs", _epoch_rows(3))]))
         writer.call((tmp_path, []))  # and the helper goes on
     finally:
         writer.close()

@@ -396,7 +396,7 @@ def test_existing_study_is_not_overwritten(smoke: Study, ray_tmp: Path) -> None:
     assert before == {path: path.stat().st_mtime_ns for path in smoke.folder.rglob("*.parquet")}
 
 
-def test_interrupted_study_resumes_with_every_trial_once(tmp_path: Path, ray_tmp: Path) -> None:
+def test_a_killed_study_resumes_with_each_trial_once_and_a_damaged_round_rebuilt(tmp_path: Path, ray_tmp: Path) -> None:
     root = tmp_path / "studies"
     env = study_env(ray_tmp)
     args = ("--name", "resumed", "--storage-path", str(root), "--wandb", "disabled")
@@ -420,9 +420,13 @@ def test_interrupted_study_resumes_with_every_trial_once(tmp_path: Path, ray_tmp
     assert 2 <= finished < SMOKE_TRIALS
     killed = pd.read_parquet(folder / "epochs")  # what a killed driver leaves reads whole, each row once
     assert not killed.duplicated(["trial_id", "epoch"]).any() and len(killed) > 0
+    # and then a round file is damaged: it held rows of trials it cannot name, so every trial is rebuilt
+    latest = sorted((folder / "epochs").glob("round-*.parquet"))[-1]
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
 
     done = subprocess.run(search_cmd("--resume", *args), cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert f"{latest}: damaged; set aside" in done.stdout and "trials rebuilt from Ray's results" in done.stdout
 
     from ray.tune import ExperimentAnalysis
 
@@ -455,7 +459,7 @@ def test_interrupted_study_resumes_with_every_trial_once(tmp_path: Path, ray_tmp
 
 def test_tables_read_while_the_study_writes_them_are_whole_and_each_row_once(tmp_path: Path, ray_tmp: Path) -> None:
     """23.2: pandas, pyarrow and DuckDB read the tables while the driver's writer thread writes them,
-    one file per trial and epoch: never an error, never a row twice, and rows appear as the study goes.
+    in round files and a live trials file: never an error, never a row twice, and rows appear as the study goes.
     At the end every trial's epochs are merged into one file per table."""
     import duckdb
     import pyarrow.parquet as pq

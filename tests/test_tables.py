@@ -1,7 +1,7 @@
 """The Parquet tables as a pandas user reads them: ``pandas.read_parquet(folder / NAME)``, nothing else.
 
 Two real trials are trained (one epoch of a narrow CNN on synthetic images) and written with the
-project's own TrialRecord, plus a third trial's row as the study writes it when the trial starts
+project's own TableWriter, plus a third trial's row as the study writes it when the trial starts
 (hyperparameters only). Between them, integer and boolean columns hold both values and nulls.
 """
 
@@ -16,9 +16,9 @@ from tune_cifar import config as cfg
 from tune_cifar.tables import (
     NULLABLE_TABLES,
     SCHEMAS,
+    TableWriter,
     TrialRecord,
     apply,
-    compact,
     read_table,
     to_arrow,
     trial_rows,
@@ -40,17 +40,18 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         # sgd with Nesterov momentum and a step schedule: the same columns set
         "sgd": cfg.TrainConfig(optimizer="sgd", nesterov=True, scheduler="step", step_size=7, **small),
     }
+    tables = TableWriter.open(root)
     for trial_id, config in configs.items():
         trainer = Trainer(config, splits)
-        record = TrialRecord(trial_id)
+        record = tables.record(trial_id)
         report = trainer.train_epoch()
         record.add("epochs", [report.epoch])
         record.add("layers", report.layers)
         record.trial = {**cfg.to_row(config), **trainer.finish(), "status": "TERMINATED", "stop_reason": "completed"}
-        record.write(root)
-    started = TrialRecord("started")  # on_trial_start: no result yet, so epochs_run, macs, ... are null
+        tables.write()
+    started = tables.record("started")  # on_trial_start: no result yet, so epochs_run, macs, ... are null
     started.trial = {**cfg.to_row(configs["adam"]), "status": "RUNNING"}
-    started.write(root)
+    tables.write()
     return root
 
 
@@ -87,114 +88,150 @@ def test_every_column_reads_as_its_schema_says(folder: Path) -> None:
     pd.testing.assert_frame_equal(read_table(folder, "trials"), pd.read_parquet(folder / "trials"))
 
 
-# -- the writer: one file per epoch while a trial runs, one per trial once merged (issue 23) -----
-def _report(record: TrialRecord, epoch: int, value: float) -> None:
+# -- the writer: round files while a study runs, one file per trial once merged (issue 23) --------
+def _report(record: TrialRecord, epoch: int, value: float, status: str = "RUNNING") -> None:
     """One epoch's report as the driver adds it: an epochs row, two layer rows, the trial's row."""
     record.add("epochs", [{"epoch": epoch, "val_acc": value}])
     layers = [{"epoch": epoch, "layer": f"conv{i}.weight", "layer_index": i, "kind": "weight", "numel": 9}
               for i in range(2)]  # fmt: skip
     record.add("layers", layers)
-    record.trial = {"status": "RUNNING", "epochs_run": epoch}
+    record.trial = {"status": status, "epochs_run": epoch}
 
 
 def _files(root: Path, name: str) -> list[str]:
     return sorted(part.name for part in (root / name).glob("*.parquet"))
 
 
-def _once(root: Path) -> pd.DataFrame:
-    """The epochs table as pandas reads it, asserted free of a (trial, epoch) twice."""
+def _once(root: Path, trial_id: str = "t") -> pd.DataFrame:
+    """A trial's rows of the epochs table as pandas reads it, asserted free of a (trial, epoch) twice."""
     epochs = pd.read_parquet(root / "epochs")
     assert not epochs.duplicated(["trial_id", "epoch"]).any(), epochs
-    return epochs.sort_values("epoch")
+    return epochs[epochs["trial_id"] == trial_id].sort_values("epoch")
 
 
-def test_a_report_writes_its_own_epoch_and_never_an_earlier_one(tmp_path: Path) -> None:
-    """A report's cost does not grow with the trial: it writes its epoch's files and the trial's row."""
-    record = TrialRecord("t")
-    _report(record, 1, 0.1)
-    first = [str(op.path) for op in record.changes()]
-    # a new trial's row first: a trial without one has no files, so a driver need not list folders for it
-    assert first == ["trials/part-t.parquet", "epochs/part-t.e00001.parquet", "layers/part-t.e00001.parquet"]
-    _report(record, 1, 0.1)
-    for epoch in (2, 3):
-        _report(record, epoch, epoch / 10)
-        record.write(tmp_path)
-    inodes = {part: part.stat().st_ino for part in tmp_path.rglob("*.e0000[12].parquet")}
-    _report(record, 4, 0.4)
-    ops = record.changes()
-    written = [str(op.path) for op in ops if op.rows is not None]
-    # later rows after the epochs they count: a reader never sees epochs_run ahead of the epochs table
-    assert written == ["epochs/part-t.e00004.parquet", "layers/part-t.e00004.parquet", "trials/part-t.parquet"]
+def test_a_round_writes_every_trials_new_epochs_in_one_file_per_table(tmp_path: Path) -> None:
+    """A round costs a few files however many trials reported, and a report's cost does not grow
+    with the trial: earlier rounds' files are never rewritten, and the driver keeps no rows."""
+    tables = TableWriter.open(tmp_path)
+    for epoch in (1, 2):
+        for trial_id in ("a", "b", "c"):
+            _report(tables.record(trial_id), epoch, epoch / 10)
+        tables.write()
+    inodes = {part: part.stat().st_ino for part in tmp_path.rglob("round-*.parquet")}
+    _report(tables.record("a"), 3, 0.3)
+    _report(tables.record("b"), 3, 0.3)
+    ops = tables.changes()
+    # the epochs first, the running trials' rows after them (never epochs_run ahead of the epochs table)
+    assert [str(op.path) for op in ops] == [
+        "epochs/round-00000003.parquet", "layers/round-00000003.parquet", "trials/live.parquet"
+    ]  # fmt: skip
+    assert [len(op.rows or ()) for op in ops] == [2, 4, 3]
     apply(tmp_path, ops)
-    assert not any(record.pending.values())  # the driver keeps no trial's history once it is on disk
-    assert {part: part.stat().st_ino for part in inodes} == inodes  # earlier epochs' files never replaced
-    assert _files(tmp_path, "epochs") == [f"part-t.e0000{e}.parquet" for e in (1, 2, 3, 4)]
-    assert _once(tmp_path)["val_acc"].tolist() == [0.1, 0.2, 0.3, 0.4]
-    assert len(pd.read_parquet(tmp_path / "layers")) == 8
+    assert not any(record.pending[name] for record in tables.records.values() for name in record.pending)
+    assert {part: part.stat().st_ino for part in inodes} == inodes
+    assert _files(tmp_path, "epochs") == [f"round-0000000{n}.parquet" for n in (1, 2, 3)]
+    assert _once(tmp_path, "a")["val_acc"].tolist() == [0.1, 0.2, 0.3]
+    assert len(pd.read_parquet(tmp_path / "layers")) == 16
+    epochs_run = pd.read_parquet(tmp_path / "trials").set_index("trial_id")["epochs_run"]
+    assert epochs_run.to_dict() == {"a": 3, "b": 3, "c": 2}
+    assert tables.changes() == []  # nothing new: nothing written
 
 
-def test_a_retried_epoch_replaces_its_file_and_later_epochs_go(tmp_path: Path) -> None:
-    record = TrialRecord("t")
+def test_a_finished_trials_row_moves_to_its_own_file_written_before_the_live_one_lets_it_go(tmp_path: Path) -> None:
+    tables = TableWriter.open(tmp_path)
+    for trial_id in ("a", "b"):
+        _report(tables.record(trial_id), 1, 0.1)
+    tables.write()
+    tables.record("a").trial = {"status": "TERMINATED", "epochs_run": 1}
+    ops = tables.changes()
+    assert [(str(op.path), [row["trial_id"] for row in op.rows or ()]) for op in ops] == [
+        ("trials/part-a.parquet", ["a"]), ("trials/live.parquet", ["b"])
+    ]  # fmt: skip
+    apply(tmp_path, ops[:1])  # the moment between the two: the row in both files, the newer one read
+    assert len(pd.read_parquet(tmp_path / "trials")) == 3
+    status = read_table(tmp_path, "trials").set_index("trial_id")["status"]
+    assert status.to_dict() == {"a": "TERMINATED", "b": "RUNNING"}
+    apply(tmp_path, ops[1:])
+    assert pd.read_parquet(tmp_path / "trials").set_index("trial_id")["status"].to_dict() == {
+        "a": "TERMINATED", "b": "RUNNING"
+    }  # fmt: skip
+    tables.record("b").trial = {"status": "STOPPED", "epochs_run": 1}
+    tables.write()
+    assert _files(tmp_path, "trials") == ["part-a.parquet", "part-b.parquet"]  # no live trial: no live file
+
+
+def test_a_retried_epoch_moves_to_the_new_round_and_a_restore_drops_later_epochs(tmp_path: Path) -> None:
+    tables = TableWriter.open(tmp_path)
     for epoch in (1, 2, 3):
-        _report(record, epoch, epoch / 10)
-        record.write(tmp_path)
-    record.drop_after(1)  # restored from the checkpoint of epoch 1
-    _report(record, 2, 0.25)
-    record.write(tmp_path)
-    assert _files(tmp_path, "epochs") == ["part-t.e00001.parquet", "part-t.e00002.parquet"]
+        _report(tables.record("t"), epoch, epoch / 10)
+        _report(tables.record("u"), epoch, epoch / 10)
+        tables.write()
+    tables.record("t").drop_after(1)  # restored from the checkpoint of epoch 1
+    _report(tables.record("t"), 2, 0.25)
+    ops = tables.changes()
+    assert str(ops[0].path) == "epochs/round-00000004.parquet"  # the new copy before the old one goes
+    assert {str(op.path): op.drop for op in ops if op.drop} == {
+        f"{name}/round-0000000{n}.parquet": frozenset({("t", n)})
+        for name in ("epochs", "layers", "steps")
+        for n in (2, 3)
+    }  # fmt: skip
+    apply(tmp_path, ops)
     assert _once(tmp_path)["val_acc"].tolist() == [0.1, 0.25]
-    assert sorted(read_table(tmp_path, "layers")["epoch"]) == [1, 1, 2, 2]
+    assert _once(tmp_path, "u")["val_acc"].tolist() == [0.1, 0.2, 0.3]  # the other trial's rows in those files stay
+    assert sorted(read_table(tmp_path, "layers").query("trial_id == 't'")["epoch"]) == [1, 1, 2, 2]
 
 
 def test_compact_leaves_one_file_per_trial_and_a_resumed_retry_moves_its_epoch_out(tmp_path: Path) -> None:
-    record = TrialRecord("t")
+    tables = TableWriter.open(tmp_path)
     for epoch in (1, 2, 3):
-        _report(record, epoch, epoch / 10)
-        record.write(tmp_path)
-    record.compact(tmp_path)
-    assert _files(tmp_path, "epochs") == _files(tmp_path, "layers") == ["part-t.parquet"]
+        _report(tables.record("t"), epoch, epoch / 10)
+        tables.write()
+    assert tables.compact() == ["t"]
+    assert _files(tmp_path, "epochs") == _files(tmp_path, "layers") == _files(tmp_path, "trials") == ["part-t.parquet"]
     assert _once(tmp_path)["val_acc"].tolist() == [0.1, 0.2, 0.3]
-    resumed = TrialRecord.load(tmp_path, "t")  # --resume: the earlier driver's rows, then a retry of epoch 2
-    assert resumed.trial["epochs_run"] == 3 and resumed.merged == {1, 2, 3} and not resumed.written
+    resumed = TableWriter.open(tmp_path)  # --resume: the earlier driver's rows, then a retry of epoch 2
+    record = resumed.record("t")
+    assert record.trial["epochs_run"] == 3 and record.merged == {1, 2, 3} and not record.rounds
     assert [row["epoch"] for row in trial_rows(tmp_path, "layers", "t")] == [1, 1, 2, 2, 3, 3]
-    resumed.drop_after(1)
-    _report(resumed, 2, 0.22)
-    resumed.write(tmp_path)
-    assert _files(tmp_path, "epochs") == ["part-t.e00002.parquet", "part-t.parquet"]
+    record.drop_after(1)
+    _report(record, 2, 0.22)
+    resumed.write()
+    assert _files(tmp_path, "epochs") == ["part-t.parquet", "round-00000001.parquet"]
     assert _once(tmp_path)["val_acc"].tolist() == [0.1, 0.22]
-    assert compact(tmp_path) == ["t"]
+    assert TableWriter.open(tmp_path).compact() == ["t"]
     assert _files(tmp_path, "epochs") == ["part-t.parquet"] and _once(tmp_path)["val_acc"].tolist() == [0.1, 0.22]
 
 
-def test_a_merge_cut_short_reads_once_and_the_next_write_heals_it(tmp_path: Path) -> None:
-    """A driver killed inside a merge leaves the merged file and the per-epoch files both: the
-    project's reader keeps one copy of each row, and the resumed driver's first write leaves one."""
-    record = TrialRecord("t")
+def test_a_merge_cut_short_reads_once_and_the_next_driver_heals_it(tmp_path: Path) -> None:
+    """A driver killed inside a merge leaves the merged file and the round files both: the
+    project's reader keeps one copy of each row, and the next driver's first round leaves one."""
+    tables = TableWriter.open(tmp_path)
     for epoch in (1, 2):
-        _report(record, epoch, epoch / 10)
-        record.write(tmp_path)
+        _report(tables.record("t"), epoch, epoch / 10)
+        tables.write()
     rows = trial_rows(tmp_path, "epochs", "t")
     write_atomic(to_arrow("epochs", rows), tmp_path / "epochs" / "part-t.parquet")  # the merge's first step
     assert len(pd.read_parquet(tmp_path / "epochs")) == 4  # what a plain reader sees in that moment
     assert read_table(tmp_path, "epochs")["epoch"].tolist() == [1, 2]
-    resumed = TrialRecord.load(tmp_path, "t")
-    _report(resumed, 3, 0.3)
-    resumed.write(tmp_path)
+    resumed = TableWriter.open(tmp_path)
+    assert resumed.record("t").rounds == {1: 1, 2: 2} and resumed.record("t").unmerged == {1, 2}
+    _report(resumed.record("t"), 3, 0.3)
+    resumed.write()
     assert _once(tmp_path)["val_acc"].tolist() == [0.1, 0.2, 0.3]
-    compact(tmp_path)
+    resumed.compact()
     assert _files(tmp_path, "epochs") == ["part-t.parquet"] and _once(tmp_path)["epoch"].tolist() == [1, 2, 3]
 
 
-def test_compact_merges_epoch_files_the_drivers_record_does_not_know(tmp_path: Path) -> None:
-    """Epoch files the driver's record was never told of (an older driver's, written before its
-    trials row) are merged with the rest at the end, not left to shadow the merged rows."""
-    older = TrialRecord("t")
-    for epoch in (1, 2):
-        _report(older, epoch, epoch / 10)
-        older.write(tmp_path)
-    driver = TrialRecord("t")  # as a driver holds a trial it did not load from disk
-    _report(driver, 3, 0.3)
-    driver.write(tmp_path)
-    assert compact(tmp_path, {"t": driver}) == ["t"]
-    assert _files(tmp_path, "epochs") == _files(tmp_path, "layers") == ["part-t.parquet"]
-    assert _once(tmp_path)["val_acc"].tolist() == [0.1, 0.2, 0.3]
+def test_compact_leaves_out_trials_the_study_does_not_know(tmp_path: Path) -> None:
+    """Rows of a trial Ray never recorded (a driver died before its experiment state did) go with
+    the round files; the known trials' rows, written by an earlier driver, are merged."""
+    older = TableWriter.open(tmp_path)
+    for trial_id in ("kept", "lost"):
+        _report(older.record(trial_id), 1, 0.1)
+    older.write()
+    driver = TableWriter.open(tmp_path)
+    _report(driver.record("kept"), 2, 0.2)
+    assert driver.compact({"kept"}) == ["kept"]
+    for name in ("epochs", "layers", "trials"):
+        assert _files(tmp_path, name) == ["part-kept.parquet"]
+    assert _once(tmp_path, "kept")["val_acc"].tolist() == [0.1, 0.2]

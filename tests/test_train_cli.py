@@ -255,7 +255,7 @@ def test_a_signal_mid_run_exits_in_one_line_and_leaves_whole_tables(tmp_path, si
                "--subset", "600", "--out", str(out)]  # fmt: skip
     run = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list((out / "epochs").glob("part-*.parquet")) and time.monotonic() < deadline:
+    while not list((out / "epochs").glob("*.parquet")) and time.monotonic() < deadline:
         assert run.poll() is None, run.communicate()
         time.sleep(0.05)
     run.send_signal(signum)

@@ -8,10 +8,11 @@ checkpoint, or continued by ``--resume``, neither loses nor duplicates rows.
 
 The files are written outside Ray Tune's event loop, which every trial's results pass through:
 the loop only notes what changed; a thread of the driver's takes whatever changed since its
-last round (a trial's several reports at once when they come faster than the disk takes them)
-and hands it to a process of its own, which turns the rows into Parquet and writes them, and
-waits for it. Encoding Parquet in the driver's interpreter took turns with Ray Tune's loop for
-it (``benchmarks/driver_throughput.py`` measures both).
+last round (every trial's reports since, one file per table however many there are: when
+reports come faster than the disk takes them, rounds grow instead of falling behind) and hands
+it to a process of its own, which turns the rows into Parquet and writes them, and waits for it.
+Encoding Parquet in the driver's interpreter took turns with Ray Tune's loop for it
+(``benchmarks/driver_throughput.py`` measures both).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 from ray import tune
@@ -29,7 +31,7 @@ from tune_cifar.outcome import Outcome
 from tune_cifar.ray_trial import error_line, hyperparameter_row, outcome
 from tune_cifar.report import EpochReport
 from tune_cifar.study_folder import StudyContext, part_trial
-from tune_cifar.tables import TrialRecord
+from tune_cifar.tables import TableWriter, TrialRecord
 
 logger = logging.getLogger(__name__)
 
@@ -39,27 +41,31 @@ class ParquetCallback(tune.Callback):
 
     def __init__(self, study: StudyContext):
         self.study = study  # restored by --resume as the resuming driver's (see tune_cifar.study_folder)
-        self.records: dict[str, TrialRecord] = {}
-        self._lock = threading.Condition()  # guards records and _changed, between Tune's loop and the writer
-        self._changed: set[str] = set()  # trials with changes the writer has not taken yet
+        self._tables: TableWriter | None = None  # opened at the first change, where earlier drivers left the folder
+        self._lock = threading.Condition()  # guards _tables and _changed, between Tune's loop and the writer
+        self._changed = False  # changes the writer has not taken yet
         self._writer: threading.Thread | None = None
         self._encoder: HelperProcess | None = None  # encodes and writes the files (tables.serve_writes)
         self._closing = False
         self._failure: Exception | None = None  # a writer's error that is not the disk's: raised in Tune's loop
 
-    def __getstate__(self) -> dict[str, Any]:  # the lock, the thread and the process stay with this driver
-        return {**self.__dict__, "_lock": None, "_changed": set(), "_writer": None, "_encoder": None,
-                "_closing": False, "_failure": None}  # fmt: skip
+    def __getstate__(self) -> dict[str, Any]:  # the records, lock, thread and process stay with this driver
+        return {**self.__dict__, "_tables": None, "_lock": None, "_changed": False, "_writer": None,
+                "_encoder": None, "_closing": False, "_failure": None}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Condition()
 
+    @property
+    def tables(self) -> TableWriter:
+        """The folder's writer; after --resume the earlier driver's rows are the starting point."""
+        if self._tables is None:
+            self._tables = TableWriter.open(self.study.folder.path)
+        return self._tables
+
     def record(self, trial: Any) -> TrialRecord:
-        if trial.trial_id not in self.records:
-            # After --resume the earlier driver's rows are the starting point.
-            self.records[trial.trial_id] = TrialRecord.load(self.study.folder.path, trial.trial_id)
-        return self.records[trial.trial_id]
+        return self.tables.record(trial.trial_id)
 
     def _update(self, trial: Any, report: EpochReport | None = None, drop_after: int | None = None,
                 **fields: Any) -> None:  # fmt: skip
@@ -77,7 +83,7 @@ class ParquetCallback(tune.Callback):
                 record.add("layers", report.layers)
                 record.add("steps", report.steps)
             record.trial = {**base, **record.trial, **fields}
-            self._changed.add(trial.trial_id)
+            self._changed = True
             if self._writer is None:
                 self._closing = False
                 self._writer = threading.Thread(target=self._write_changes, name="parquet", daemon=True)
@@ -93,8 +99,8 @@ class ParquetCallback(tune.Callback):
                     self._lock.wait()
                 if not self._changed:
                     return
-                ops = [op for trial_id in sorted(self._changed) for op in self.records[trial_id].changes()]
-                self._changed.clear()
+                ops = self.tables.changes()
+                self._changed = False
             if self.study.write_failures:
                 continue
             try:
@@ -154,23 +160,26 @@ class ParquetCallback(tune.Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         for trial in trials:  # left running when the driver stopped: --resume continues them
-            record = self.records.get(trial.trial_id)
+            record = self.tables.records.get(trial.trial_id)
             if record is not None and record.trial.get("status") == Outcome.RUNNING.status:
                 self._update(trial, **outcome(trial, ended=False, interrupted=True).columns())
         try:
             self.flush()
             if not self.study.write_failures:
-                self.remove_orphans({trial.trial_id for trial in trials})
+                known = {trial.trial_id for trial in trials}
                 try:
-                    tables.compact(self.study.folder.path, self.records)
-                except OSError as exc:  # the per-epoch files stay whole; the next --resume merges them
+                    self.tables.compact(known)
+                except OSError as exc:  # the round files stay whole; the next --resume merges them
                     self.study.stop_on_write_failure(exc)
+                else:
+                    self.remove_orphans(known)
         finally:
             self.close()
 
     def remove_orphans(self, known: set[str]) -> list[str]:
         """Delete part files of trials Ray no longer knows: started by a driver that died before
-        its experiment state recorded them; a resumed study redoes that work under new ids."""
+        its experiment state recorded them; a resumed study redoes that work under new ids (their
+        rows in round files went with the merge)."""
         removed = []
         for name in tables.TABLES:
             for part in self.study.folder.parts(name):
@@ -184,9 +193,10 @@ class ParquetCallback(tune.Callback):
 
 
 def repair_tables(study: StudyContext) -> list[str]:
-    """Before a resume: set damaged part files aside (``STUDY/damaged/``) and rebuild their trials'
+    """Before a resume: set damaged files aside (``STUDY/damaged/``) and rebuild their trials'
     rows by replaying Ray's saved results (``trial_*/result.json``) through :class:`ParquetCallback`,
-    the same code that wrote them. Returns one line per damaged file, saying what was done."""
+    the same code that wrote them. A damaged round or live file held rows of trials it cannot
+    name: then every trial is rebuilt. Returns one line per damaged file, saying what was done."""
     folder = study.folder
     damaged = tables.damaged_parts(folder.path)
     if not damaged:
@@ -195,7 +205,9 @@ def repair_tables(study: StudyContext) -> list[str]:
 
     ray_trials = ExperimentAnalysis(str(folder.path)).trials  # loaded first: nothing moves if this fails
     aside = folder.damaged
-    lost = {part_trial(part) for part in damaged}
+    own = [part for part in damaged if part.name.startswith("part-")]
+    everyone = len(own) < len(damaged)
+    lost = {part_trial(part) for part in own}
     for part in damaged:
         (aside / part.parent.name).mkdir(parents=True, exist_ok=True)
         part.replace(aside / part.parent.name / part.name)
@@ -203,12 +215,9 @@ def repair_tables(study: StudyContext) -> list[str]:
     rebuilt = set()
     for trial in ray_trials:
         results = folder.trial_dir(trial.trial_id) / "result.json"
-        if trial.trial_id not in lost or not results.is_file():
+        if not (everyone or trial.trial_id in lost) or not results.is_file():
             continue
-        for name in tables.TABLES:  # every table of the trial is rewritten from the replay
-            for part in folder.parts(name, trial.trial_id):
-                part.unlink()
-        writer.records[trial.trial_id] = TrialRecord(trial.trial_id)
+        writer.record(trial).drop_after(0)  # every table of the trial is rewritten from the replay
         for line in results.read_text().splitlines():
             if line.strip():
                 writer.on_trial_result(0, [], trial, json.loads(line))
@@ -218,8 +227,10 @@ def repair_tables(study: StudyContext) -> list[str]:
             writer.on_trial_error(0, [], trial)
         rebuilt.add(trial.trial_id)
     writer.close()
-    return [
-        f"{part}: damaged; set aside in {aside} and "
-        + ("rebuilt from Ray's results" if part_trial(part) in rebuilt else "not rebuilt (no results)")
-        for part in damaged
-    ]
+
+    def done(part: Path) -> str:
+        if everyone and not part.name.startswith("part-"):
+            return f"{len(rebuilt)} trials rebuilt from Ray's results"
+        return "rebuilt from Ray's results" if part_trial(part) in rebuilt else "not rebuilt (no results)"
+
+    return [f"{part}: damaged; set aside in {aside} and {done(part)}" for part in damaged]

@@ -86,7 +86,7 @@ class StudyStorage:
     def discard_unstarted(self) -> None:
         """Before starting a study whose first driver died in start-up: no trial can have reported
         (Ray never saved the experiment), so an Optuna database it may have created holds no result."""
-        if self.local.parts("trials"):
+        if self.local.files("trials"):
             raise UsageError(f"{self.local.path}: trial tables but no Ray experiment state; cannot resume it")
         for started in (*self.local.optuna_files, self.local.path / StudyFolder.RAY_TUNER):
             started.unlink(missing_ok=True)

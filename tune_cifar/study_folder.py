@@ -90,18 +90,34 @@ class StudyFolder:
         """One table's Parquet dataset (a folder of part files)."""
         return self.path / name
 
-    def part(self, table: str, trial_id: str, epoch: int | None = None) -> Path:
-        """One trial's part file of a table: its merged file, or (``epoch``) one epoch's rows as the
-        driver writes them while the trial runs (see :class:`tune_cifar.tables.TrialRecord`)."""
-        return self.table(table) / f"part-{trial_id}{'' if epoch is None else f'.e{epoch:05d}'}.parquet"
+    def part(self, table: str, trial_id: str) -> Path:
+        """One trial's own file of a table: its merged epochs, or its ``trials`` row once finished
+        (see :class:`tune_cifar.tables.TableWriter`)."""
+        return self.table(table) / f"part-{trial_id}.parquet"
 
-    def parts(self, table: str, trial_id: str | None = None) -> list[Path]:
-        """A table's part files (merged and per epoch), of every trial or of ``trial_id``'s."""
-        found = sorted(self.table(table).glob("part-*.parquet"))
-        return found if trial_id is None else [part for part in found if part_trial(part) == trial_id]
+    def round_file(self, table: str, number: int) -> Path:
+        """The rows of every trial a driver's writer round wrote, while the study runs."""
+        return self.table(table) / f"round-{number:08d}.parquet"
+
+    def live_trials(self) -> Path:
+        """The ``trials`` rows of the running trials, while the study runs."""
+        return self.table("trials") / "live.parquet"
+
+    def parts(self, table: str) -> list[Path]:
+        """A table's files of one trial each (``part-ID.parquet``), in name order."""
+        return sorted(self.table(table).glob("part-*.parquet"))
+
+    def rounds(self, table: str) -> list[Path]:
+        """A table's round files, oldest first."""
+        return sorted(self.table(table).glob("round-*.parquet"))
+
+    def files(self, table: str) -> list[Path]:
+        """Every file of a table, as a Parquet reader takes them (in name order: the live file,
+        the trials' own files, the rounds)."""
+        return sorted(self.table(table).glob("[!.]*.parquet"))
 
     def has_table(self, name: str) -> bool:
-        return self.table(name).is_dir() and bool(self.parts(name))
+        return self.table(name).is_dir() and bool(self.files(name))
 
     def trial_dir(self, trial_id: str) -> Path:
         """Ray's folder of one trial (checkpoints, ``result.json``) in a local study."""
@@ -115,19 +131,8 @@ class StudyFolder:
 
 
 def part_trial(part: Path) -> str:
-    """The trial a part file holds rows of (``part-ID.parquet`` or ``part-ID.eNNNNN.parquet``)."""
-    return _split_part(part)[0]
-
-
-def part_epoch(part: Path) -> int | None:
-    """The epoch a per-epoch part file holds; None for a trial's merged file."""
-    return _split_part(part)[1]
-
-
-def _split_part(part: Path) -> tuple[str, int | None]:
-    stem = part.name.removeprefix("part-").removesuffix(".parquet")
-    trial_id, dot, epoch = stem.rpartition(".e")
-    return (trial_id, int(epoch)) if dot and len(epoch) == 5 and epoch.isdigit() else (stem, None)
+    """The trial a part file holds rows of (``part-ID.parquet``)."""
+    return part.name.removeprefix("part-").removesuffix(".parquet")
 
 
 def trial_dirname(trial_id: str) -> str:

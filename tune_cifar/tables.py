@@ -2,9 +2,9 @@
 
 A results folder holds one directory per table (``trials``, ``epochs``, ``layers``, ``steps``),
 each a Parquet dataset of part files, so ``pandas.read_parquet(folder / NAME)`` reads the whole
-table. A finished run or study has one part file per trial and table; while it runs, each epoch a
-trial reports is a file of its own, written once (:class:`TrialRecord` says why). Every file is
-written to a temporary name and renamed, which gives the guarantees the study needs:
+table. A finished run or study has one part file per trial and table; while it runs, the rows
+arrive in round files and a live file (:class:`TableWriter` says why). Every file is written to
+a temporary name and renamed, which gives the guarantees the study needs:
 
 * a reader never sees a half-written file (pyarrow skips names starting with ``.``);
 * a retried or resumed trial replaces its rows by ``(trial_id, epoch)`` instead of appending
@@ -32,7 +32,7 @@ from tune_cifar import helper_process
 from tune_cifar.errors import UsageError
 from tune_cifar.outcome import FINISHED_STATUSES, Outcome
 from tune_cifar.report import EPOCH_COLUMNS
-from tune_cifar.study_folder import StudyFolder, part_epoch, part_trial
+from tune_cifar.study_folder import StudyFolder, part_trial
 
 _ARROW_TYPES = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
 
@@ -184,45 +184,37 @@ def _replace_durably(path: Path, write: Any) -> None:
 
 @dataclass(frozen=True)
 class Write:
-    """One step of writing a trial's rows: ``rows`` into ``path`` (a new file, or one replaced
-    whole), ``path`` removed (``rows`` None), or with ``keep_epochs`` the merged file rewritten
-    with only those epochs' rows (read back from itself: the driver does not keep them)."""
+    """One step of a writer round: ``rows`` into ``path`` (a new file, or one replaced whole),
+    ``path`` removed (``rows`` and ``drop`` None), or the rows of ``drop``'s ``(trial_id, epoch)``
+    keys taken out of ``path`` (read back from the file itself: the driver keeps no rows once they
+    are written; the file goes when none is left)."""
 
     path: Path  # relative to the results folder
     table: str
     rows: list[dict[str, Any]] | None = None
-    keep_epochs: frozenset[int] | None = None
+    drop: frozenset[tuple[str, int]] | None = None
+
+
+LIVE, OWN = "live", "own"  # where a trial's ``trials`` row is: the study's live file, or a file of its own
 
 
 @dataclass
 class TrialRecord:
-    """One trial's rows on their way to disk, deduplicated by epoch: what the driver keeps per trial.
-
-    While a trial runs, each epoch's rows of ``epochs``, ``layers`` and ``steps`` go to part files of
-    their own (``part-ID.eNNNNN.parquet``), each written once: a report costs the same at epoch 100
-    as at epoch 1 (rewriting a trial's whole history on every report made it grow with the trial),
-    the driver holds only the rows not yet written (not every trial's history), and a reader never
-    meets a file being replaced (pyarrow may open a file twice while reading it). A retried epoch
-    replaces its files; the epochs a restore redoes lose theirs. When the run or the study ends,
-    :meth:`compact` merges a trial's epochs into its one file (``part-ID.parquet``), so a finished
-    folder holds one file per trial and table. The ``trials`` row is one small file, replaced on
-    every report.
-
-    Every (trial, epoch) row lives in exactly one file, except for the moment a merge or a retry
-    moves it: :func:`read_table` keeps one copy.
-    """
+    """One trial's rows on their way to disk, deduplicated by epoch, and where its earlier epochs
+    are: what the driver keeps per trial (:class:`TableWriter` says where the files are)."""
 
     trial_id: str
-    trial: dict[str, Any] = field(default_factory=dict)
+    trial: dict[str, Any] = field(default_factory=dict)  # the trial's ``trials`` row: replace it, don't edit it
     pending: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = field(
         default_factory=lambda: {name: {} for name in PER_EPOCH_KEYS}
     )  # rows of the epochs in ``dirty``, by key: a row with the same key replaces the earlier one
-    written: set[int] = field(default_factory=set)  # epochs with part files of their own
-    merged: set[int] = field(default_factory=set)  # epochs in the trial's merged part files
-    dirty: set[int] = field(default_factory=set)  # epochs whose rows changed since the last write
-    dropped: set[int] = field(default_factory=set)  # epochs whose own part files are to go
-    merged_stale: bool = False  # the merged files hold epochs that moved out or went
-    row_written: bool = False  # the trial's ``trials`` file exists
+    dirty: set[int] = field(default_factory=set)  # epochs reported since the last round
+    rounds: dict[int, int] = field(default_factory=dict)  # epoch -> the round file holding its rows
+    merged: set[int] = field(default_factory=set)  # epochs in the trial's merged files
+    leaving: dict[int, set[int]] = field(default_factory=dict)  # round -> epochs whose rows are to leave it
+    unmerged: set[int] = field(default_factory=set)  # epochs whose rows are to leave the merged files
+    row_in: str | None = None  # LIVE, OWN, or None: the row was never written
+    written_row: dict[str, Any] | None = None  # the ``trial`` last written (the same object until replaced)
 
     def add(self, name: str, new_rows: list[dict[str, Any]]) -> None:
         """Add rows of a per-epoch table; a row with the same key (a retried epoch) replaces the old one."""
@@ -230,11 +222,8 @@ class TrialRecord:
             row = {**row, "trial_id": self.trial_id}
             self.pending[name][tuple(row[key] for key in PER_EPOCH_KEYS[name])] = row
             epoch = row["epoch"]
-            self.dirty.add(epoch)  # a retried epoch's files are written anew, with only the rows it reports now
-            self.dropped.discard(epoch)
-            if epoch in self.merged:  # the retried epoch leaves the merged files for files of its own
-                self.merged.discard(epoch)
-                self.merged_stale = True
+            self.dirty.add(epoch)  # a retried epoch is written anew, with only the rows it reports now
+            self._leave(epoch)
 
     def drop_after(self, epoch: int) -> None:
         """Forget rows of epochs after ``epoch``: a trial restored from an older checkpoint redoes them."""
@@ -242,118 +231,224 @@ class TrialRecord:
             for key in [key for key, row in rows.items() if row["epoch"] > epoch]:
                 del rows[key]
         self.dirty = {e for e in self.dirty if e <= epoch}
-        self.dropped |= {e for e in self.written if e > epoch}
-        if any(e > epoch for e in self.merged):
-            self.merged = {e for e in self.merged if e <= epoch}
-            self.merged_stale = True
+        for later in [e for e in (*self.rounds, *self.merged) if e > epoch]:
+            self._leave(later)
 
-    def changes(self) -> list[Write]:
-        """What :meth:`write` would do, taken out of the record, in order (a row that moves is
-        written before it is removed). The driver's writer thread takes them under a lock and
-        has its helper process write them (:func:`serve_writes`)."""
-        folder = StudyFolder(Path())
-        trial_row = Write(folder.part("trials", self.trial_id), "trials", [{**self.trial, "trial_id": self.trial_id}])
-        # A new trial's row comes first: a trial with no ``trials`` file has no other files either,
-        # which lets :meth:`load` skip listing the folders for a trial new to the driver. Later
-        # rows come last, after the epochs they count (a reader never sees epochs_run ahead of
-        # the epochs table).
-        writes = [] if self.row_written else [trial_row]
-        for epoch in sorted(self.dirty):
-            for name in PER_EPOCH_KEYS:
-                rows = [row for key, row in sorted(self.pending[name].items()) if row["epoch"] == epoch]
-                if rows or epoch in self.written:  # a retried epoch without rows of a table loses its file
-                    writes.append(Write(folder.part(name, self.trial_id, epoch), name, rows or None))
-        if self.merged_stale:
-            keep = frozenset(self.merged)
-            writes += [Write(folder.part(name, self.trial_id), name, keep_epochs=keep) for name in PER_EPOCH_KEYS]
-        for epoch in sorted(self.dropped):
-            writes += [Write(folder.part(name, self.trial_id, epoch), name) for name in PER_EPOCH_KEYS]
-        self.written = (self.written | self.dirty) - self.dropped
-        self.pending = {name: {} for name in PER_EPOCH_KEYS}
-        self.dirty, self.dropped, self.merged_stale = set(), set(), False
-        if self.row_written:
-            return [*writes, trial_row]
-        self.row_written = True
-        return writes
+    def _leave(self, epoch: int) -> None:
+        """The rows of ``epoch`` on disk are to go (their replacement, if any, is written first)."""
+        if epoch in self.rounds:
+            self.leaving.setdefault(self.rounds.pop(epoch), set()).add(epoch)
+        if epoch in self.merged:
+            self.merged.discard(epoch)
+            self.unmerged.add(epoch)
 
-    def write(self, root: Path) -> None:
-        """Write what changed since the last write: the epochs reported since, and the trial's row."""
-        apply(root, self.changes())
+    def found_in_round(self, epoch: int, number: int) -> None:
+        """An earlier driver left ``epoch``'s rows in round file ``number``: the newest copy is the one."""
+        older = self.rounds.get(epoch)
+        if older is not None and older != number:
+            self.leaving.setdefault(min(older, number), set()).add(epoch)
+        self.rounds[epoch] = max(number, older or number)
+        if epoch in self.merged:  # a merge the driver did not finish: the round file's copy counts
+            self.merged.discard(epoch)
+            self.unmerged.add(epoch)
 
-    def compact(self, root: Path) -> None:
-        """Merge the trial's per-epoch part files into its one file per table, then remove them."""
-        self.write(root)
-        folder = StudyFolder(root)
-        for name in PER_EPOCH_KEYS:
-            epoch_files = [folder.part(name, self.trial_id, epoch) for epoch in sorted(self.written)]
-            rows = _rows_of(name, [folder.part(name, self.trial_id), *epoch_files])
-            if rows or name != "steps":  # a finished trial has epochs and layers files even without a report
-                write_atomic(to_arrow(name, rows), folder.part(name, self.trial_id))
-            for part in epoch_files:
-                part.unlink(missing_ok=True)
-        self.merged |= self.written
-        self.written = set()
+    def row(self) -> dict[str, Any]:
+        return {**self.trial, "trial_id": self.trial_id}
+
+
+@dataclass
+class TableWriter:
+    """Every trial's rows of one results folder on their way to disk, written in rounds.
+
+    The driver adds each report to its trial's :class:`TrialRecord`; a writer round
+    (:meth:`changes`) then writes the rows of every epoch reported since the last round, of all
+    trials together, as one file per table (``round-NNNNNNNN.parquet``): a report costs the same at
+    epoch 100 as at epoch 1, a round costs a few files however many trials reported in it, and a
+    reader never meets a round file being replaced (pyarrow may open a file twice while reading
+    it). A retried epoch's rows are written in the new round, then taken out of the older file;
+    the epochs a restore redoes are taken out too. A running trial's ``trials`` row is in the
+    study's live file (``trials/live.parquet``, every running trial's row, replaced each round);
+    a finished trial's row goes to a file of its own (``part-ID.parquet``). When the run or the
+    study ends, :meth:`compact` merges each trial's epochs into its one file per table and moves
+    the rows left live to their own files, so a finished folder holds one file per trial and table.
+
+    Every row lives in exactly one file, except for the moment a merge, a retry or a finish
+    moves it (new copy first): :func:`read_table` keeps the newer copy.
+    """
+
+    root: Path
+    records: dict[str, TrialRecord] = field(default_factory=dict)
+    next_round: int = 1
+    on_disk: set[str] = field(default_factory=set)  # trials with files of their own when the writer opened
+    live_changed: bool = False  # the live file must be written again
 
     @classmethod
-    def load(cls, root: Path, trial_id: str, parts: dict[str, list[Path]] | None = None) -> TrialRecord:
-        """Where an earlier driver left this trial (for ``--resume``): its row, and which epochs are
-        on disk in which files (not the rows themselves). ``parts``: the trial's part files by table,
-        when the caller has listed the folders already; else a trial without a ``trials`` file is
-        new (:meth:`changes` writes it first) and one with it has its folders listed. An epoch
-        both in the merged file and in a file of its own (a merge the driver did not finish)
-        counts as the latter, and the next write leaves it there alone."""
-        record = cls(trial_id)
-        folder = StudyFolder(root)
-        trials_part = folder.part("trials", trial_id)
-        if not trials_part.exists() and parts is None:
-            return record
-        if trials_part.exists():
-            record.trial = pq.read_table(trials_part).to_pylist()[0]
-            record.row_written = True
-        if parts is None:
-            parts = {name: folder.parts(name, trial_id) for name in PER_EPOCH_KEYS}
+    def open(cls, root: str | Path) -> TableWriter:
+        """The writer of a results folder, knowing where earlier drivers left it (``--resume``):
+        the rows of the live file, and which epochs are in which round file (not the rows)."""
+        writer = cls(Path(root))
+        folder = StudyFolder(writer.root)
+        writer.on_disk = {part_trial(part) for name in TABLES for part in folder.parts(name)}
+        live = folder.live_trials()
+        if live.exists():
+            writer.live_changed = True  # rewritten in the first round: without the rows that moved on
+            for row in pq.read_table(live).to_pylist():
+                record = writer.record(row["trial_id"])
+                if record.row_in is None:  # a trial whose own file exists finished after this row
+                    record.trial = record.written_row = row
+                    record.row_in = LIVE
         for name in PER_EPOCH_KEYS:
-            for part in parts.get(name, []):
-                epoch = part_epoch(part)
-                if epoch is not None:
-                    record.written.add(epoch)
-                    continue
-                record.merged |= set(pq.read_table(part, columns=["epoch"]).column("epoch").to_pylist())
-        if record.merged & record.written:
-            record.merged -= record.written
-            record.merged_stale = True
+            for path in folder.rounds(name):
+                number = round_number(path)
+                writer.next_round = max(writer.next_round, number + 1)
+                keys = pq.read_table(path, columns=["trial_id", "epoch"]).to_pydict()
+                for trial_id, epoch in set(zip(keys["trial_id"], keys["epoch"], strict=True)):
+                    writer.record(trial_id).found_in_round(epoch, number)
+        return writer
+
+    def record(self, trial_id: str) -> TrialRecord:
+        """A trial's record; for a trial an earlier driver wrote, its row and merged epochs from disk."""
+        record = self.records.get(trial_id)
+        if record is not None:
+            return record
+        record = self.records[trial_id] = TrialRecord(trial_id)
+        if trial_id in self.on_disk:
+            folder = StudyFolder(self.root)
+            if folder.part("trials", trial_id).exists():
+                record.trial = pq.read_table(folder.part("trials", trial_id)).to_pylist()[0]
+                record.written_row, record.row_in = record.trial, OWN
+            for name in PER_EPOCH_KEYS:
+                if folder.part(name, trial_id).exists():
+                    epochs = pq.read_table(folder.part(name, trial_id), columns=["epoch"]).column("epoch")
+                    record.merged |= set(epochs.to_pylist())
         return record
+
+    def changes(self) -> list[Write]:
+        """One round: what changed since the last, taken out of the records, in order (a row that
+        moves is written before it is removed; a ``trials`` row after the epochs it counts). The
+        driver's writer thread takes them under a lock and has a helper process write them
+        (:func:`serve_writes`)."""
+        folder = StudyFolder(Path())
+        records = [self.records[trial_id] for trial_id in sorted(self.records)]
+        writes = []
+        reported = [record for record in records if record.dirty]
+        if reported:
+            number, self.next_round = self.next_round, self.next_round + 1
+            for name in PER_EPOCH_KEYS:
+                rows = [row for record in reported for _, row in sorted(record.pending[name].items())]
+                if rows:
+                    writes.append(Write(folder.round_file(name, number), name, rows))
+            for record in reported:
+                record.rounds |= dict.fromkeys(record.dirty, number)
+                record.pending = {name: {} for name in PER_EPOCH_KEYS}
+                record.dirty = set()
+        leaving: dict[tuple[Path, str], set[tuple[str, int]]] = {}
+        for record in records:
+            for number, epochs in record.leaving.items():
+                for name in PER_EPOCH_KEYS:
+                    leaving.setdefault((folder.round_file(name, number), name), set()).update(
+                        (record.trial_id, epoch) for epoch in epochs
+                    )
+            for name in PER_EPOCH_KEYS if record.unmerged else ():
+                leaving.setdefault((folder.part(name, record.trial_id), name), set()).update(
+                    (record.trial_id, epoch) for epoch in record.unmerged
+                )
+            record.leaving, record.unmerged = {}, set()
+        writes += [Write(path, name, drop=frozenset(keys)) for (path, name), keys in leaving.items()]
+        for record in records:
+            if record.trial is record.written_row:  # a new row is a new dict: no comparing every trial's
+                continue
+            if record.row_in == OWN or record.trial.get("status") in FINISHED_STATUSES:
+                writes.append(Write(folder.part("trials", record.trial_id), "trials", [record.row()]))
+                self.live_changed |= record.row_in == LIVE
+                record.row_in = OWN
+            else:
+                self.live_changed, record.row_in = True, LIVE
+            record.written_row = record.trial
+        if self.live_changed:  # after the own files: a finished trial's row is never missing
+            live = [record.row() for record in records if record.row_in == LIVE]
+            writes.append(Write(folder.live_trials(), "trials", live or None))
+            self.live_changed = False
+        return writes
+
+    def write(self) -> None:
+        """One round, written here (a single run; the study's driver writes in a helper process)."""
+        apply(self.root, self.changes())
+
+    def compact(self, known: set[str] | None = None) -> list[str]:
+        """Merge the round files into one file per trial and table and give every live row its
+        trial's own file: what a finished run or study holds. Trials not in ``known`` (lost with
+        an earlier driver) are left out: their rows go with the round files. Returns the trials
+        whose epochs were merged."""
+        self.write()
+        folder = StudyFolder(self.root)
+        kept = (lambda trial_id: True) if known is None else known.__contains__
+        new_rows: dict[str, dict[str, dict[tuple[Any, ...], dict[str, Any]]]] = {}
+        for name in PER_EPOCH_KEYS:
+            for path in folder.rounds(name):  # in round order: a later copy of a row wins
+                for row in pq.read_table(path).to_pylist():
+                    key = tuple(row[key] for key in PER_EPOCH_KEYS[name])
+                    new_rows.setdefault(row["trial_id"], {}).setdefault(name, {})[key] = row
+        merged = sorted(trial_id for trial_id in new_rows.keys() | self.records.keys() if kept(trial_id))
+        for trial_id in merged:
+            record = self.record(trial_id)
+            for name in PER_EPOCH_KEYS:
+                rows = new_rows.get(trial_id, {}).get(name, {})
+                path = folder.part(name, trial_id)
+                if not rows and path.exists():
+                    continue
+                if path.exists():
+                    rows = {**_keyed(name, pq.read_table(path).to_pylist()), **rows}
+                if rows or name != "steps":  # a finished trial has epochs and layers files even without a report
+                    write_atomic(to_arrow(name, [rows[key] for key in sorted(rows)]), path)
+            record.merged |= set(record.rounds)
+            record.rounds = {}
+            if record.row_in == LIVE:
+                write_atomic(to_arrow("trials", [record.row()]), folder.part("trials", trial_id))
+                record.row_in = OWN
+        for name in PER_EPOCH_KEYS:
+            for path in folder.rounds(name):
+                path.unlink()
+        folder.live_trials().unlink(missing_ok=True)
+        return merged
+
+
+def round_number(path: Path) -> int:
+    """The round a round file holds (``round-NNNNNNNN.parquet``)."""
+    return int(path.name.removeprefix("round-").removesuffix(".parquet"))
+
+
+def _keyed(name: str, rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    return {tuple(row[key] for key in PER_EPOCH_KEYS[name]): row for row in rows}
 
 
 def trial_rows(root: Path, name: str, trial_id: str) -> list[dict[str, Any]]:
-    """One trial's rows of a per-epoch table as they are on disk, each key once (a file of the
-    row's epoch wins over the merged file: it is the newer), in key order."""
-    return _rows_of(name, StudyFolder(root).parts(name, trial_id))
-
-
-def _rows_of(name: str, parts: list[Path]) -> list[dict[str, Any]]:
-    """The rows of one trial's part files of a table, each key once, a per-epoch file's winning
-    over the merged file's; a file that is not there (never written, or removed since it was
-    listed: a retry dropped its epoch) has none."""
+    """One trial's rows of a per-epoch table as they are on disk, each key once (a round file's
+    copy wins over the merged file's, a later round's over an earlier's), in key order. Reads
+    every round file: for a resumed trial, not on every report."""
+    folder = StudyFolder(root)
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for part in sorted(parts, key=lambda part: part_epoch(part) is not None):  # the merged file first
+    for path in [folder.part(name, trial_id), *folder.rounds(name)]:
         try:
-            table = pq.read_table(part)
-        except FileNotFoundError:
+            table = pq.read_table(path, filters=[("trial_id", "==", trial_id)])
+        except FileNotFoundError:  # never written, or merged since it was listed
             continue
-        for row in table.to_pylist():
-            rows[tuple(row[key] for key in PER_EPOCH_KEYS[name])] = row
+        rows |= _keyed(name, table.to_pylist())
     return [rows[key] for key in sorted(rows)]
 
 
 def apply(root: Path, writes: list[Write]) -> None:
-    """Carry out :meth:`TrialRecord.changes` under the results folder ``root``, in order."""
+    """Carry out :meth:`TableWriter.changes` under the results folder ``root``, in order."""
     for write in writes:
         path = root / write.path
-        if write.keep_epochs is not None:
+        if write.drop is not None:
             if path.exists():
-                kept = [row for row in pq.read_table(path).to_pylist() if row["epoch"] in write.keep_epochs]
-                write_atomic(to_arrow(write.table, kept), path)
+                rows = pq.read_table(path).to_pylist()
+                kept = [row for row in rows if (row["trial_id"], row["epoch"]) not in write.drop]
+                if kept:
+                    write_atomic(to_arrow(write.table, kept), path)
+                else:
+                    path.unlink()
         elif write.rows is None:
             path.unlink(missing_ok=True)
         else:
@@ -372,34 +467,6 @@ def serve_writes(jobs: IO[bytes], replies: IO[bytes]) -> None:
             helper_process.reply(replies, exc)
         else:
             helper_process.reply(replies, None)
-
-
-def compact(folder: str | Path, records: dict[str, TrialRecord] | None = None) -> list[str]:
-    """Merge the per-epoch part files into one file per trial and table, what a finished run or
-    study holds: of each trial in ``records`` (the driver's own, which know their files), and of
-    every other trial with per-epoch files on disk (left by a driver that died). Each table's
-    folder is listed once, not once per trial. Returns the trials merged."""
-    root = Path(folder)
-    records = records or {}
-    listed: dict[str, dict[str, list[Path]]] = {}
-    for name in PER_EPOCH_KEYS:
-        for part in StudyFolder(root).parts(name):
-            listed.setdefault(part_trial(part), {}).setdefault(name, []).append(part)
-    unmerged = {
-        trial_id
-        for trial_id, parts in listed.items()
-        if any(part_epoch(part) is not None for table_parts in parts.values() for part in table_parts)
-    }
-    merged = sorted(unmerged | set(records))
-    for trial_id in merged:
-        parts = listed.get(trial_id, {})
-        record = records.get(trial_id) or TrialRecord.load(root, trial_id, parts)
-        # epoch files the record does not know (left by an older driver, or beside a trials file
-        # set aside as damaged) are merged too, or they would shadow the merged rows
-        epochs = (part_epoch(part) for files in parts.values() for part in files)
-        record.written |= {epoch for epoch in epochs if epoch is not None}
-        record.compact(root)
-    return merged
 
 
 def finished_trials(trials: pd.DataFrame) -> pd.DataFrame:
@@ -433,10 +500,11 @@ def outcome_counts(trials: pd.DataFrame) -> dict[Outcome, int]:
 
 def read_table(folder: str | Path, name: str) -> pd.DataFrame:
     """Read one table of a results folder, with a one-line error when it is not there."""
-    path = StudyFolder(folder).table(name)
+    study = StudyFolder(Path(folder))
+    path = study.table(name)
     if name not in SCHEMAS:
         raise UsageError(f"unknown table {name!r} (tables: {', '.join(TABLES)})")
-    if not StudyFolder(folder).has_table(name):
+    if not study.has_table(name):
         raise UsageError(
             f"{folder}: no {name} table (expected {path}/part-*.parquet); is this a tune-cifar results folder?"
         )
@@ -448,10 +516,11 @@ def read_table(folder: str | Path, name: str) -> pd.DataFrame:
             f"{damaged[0]}: damaged Parquet file; `python -m tune_cifar.search --resume` rebuilds a study's "
             "tables from Ray's results (or move the file away)"
         ) from None
-    if name in PER_EPOCH_KEYS and any(part_epoch(part) is not None for part in StudyFolder(folder).parts(name)):
+    if len(study.files(name)) > len(study.parts(name)):
         # a study running (or stopped without merging): a row being moved can be in two files for a
-        # moment; they sort epoch file first, its copy is the newer one
-        frame = frame.drop_duplicates(["trial_id", *PER_EPOCH_KEYS[name]], keep="first", ignore_index=True)
+        # moment; the files sort live, merged, rounds in order, so the last copy is the newer one
+        keys = ["trial_id", *PER_EPOCH_KEYS.get(name, ())]
+        frame = frame.drop_duplicates(keys, keep="last", ignore_index=True)
     return frame
 
 
@@ -459,7 +528,7 @@ def damaged_parts(folder: str | Path, names: tuple[str, ...] = TABLES) -> list[P
     """Part files of these tables that Parquet cannot read (truncated, overwritten, not Parquet)."""
     damaged = []
     for name in names:
-        for part in StudyFolder(folder).parts(name):
+        for part in StudyFolder(folder).files(name):
             try:
                 pq.read_table(part)
             except (pa.ArrowException, OSError):

@@ -33,7 +33,7 @@ from tune_cifar.errors import UsageError, os_reason
 from tune_cifar.outcome import Outcome
 from tune_cifar.plan import StudyPlan
 from tune_cifar.spaces import load_config_file
-from tune_cifar.tables import TrialRecord, finished_trials, read_table, write_atomic_bytes
+from tune_cifar.tables import TableWriter, finished_trials, read_table, write_atomic_bytes
 
 EXIT_WRITE_FAILED = 3  # its results could not be written (a full disk); what was written is whole
 EXIT_DIVERGED = 4  # a run's training loss became NaN or infinite (it stopped there; its rows are kept)
@@ -244,7 +244,8 @@ def train_one(
     """Train one seed to the end, test once, and write its rows (trial id ``seedN`` when repeated)."""
     trainer = Trainer(config, splits, device=device, compile=compile)
     trial_id = f"seed{config.seed}" if repeated else out.name
-    record = TrialRecord(trial_id)
+    tables = TableWriter.open(out)
+    record = tables.record(trial_id)
     trial = {"study": None, **cfg.to_row(config), **Outcome.RUNNING.columns()}
     print(
         f"training {config.model} ({trainer.params:,} parameters, {trainer.macs:,} MACs) on {splits.source}: "
@@ -259,19 +260,19 @@ def train_one(
         record.add("layers", report.layers)
         record.add("steps", report.steps)
         record.trial = {**trial, **trainer.summary(), "wall_s": time.perf_counter() - started}
-        record.write(out)
+        tables.write()
     if trainer.diverged:  # stopped at that epoch; a diverged model is not tested
-        record.trial = {**trial, **trainer.summary(), **Outcome.DIVERGED.columns()}
-        record.trial["wall_s"] = time.perf_counter() - started
-        record.compact(out)
+        wall_s = time.perf_counter() - started
+        record.trial = {**trial, **trainer.summary(), **Outcome.DIVERGED.columns(), "wall_s": wall_s}
+        tables.compact()
         loss = trainer.history[-1]["train_loss"]
         print(f"diverged: training loss {loss} in epoch {trainer.epoch}; stopped there, not tested -> {out}")
         return record.trial
     summary = trainer.finish()
     test = trainer.evaluate_test()
-    record.trial = {**trial, **summary, **test, **Outcome.COMPLETED.columns()}
-    record.trial["wall_s"] = time.perf_counter() - started
-    record.compact(out)
+    wall_s = time.perf_counter() - started
+    record.trial = {**trial, **summary, **test, **Outcome.COMPLETED.columns(), "wall_s": wall_s}
+    tables.compact()
     weights = out / (f"model_{trial_id}.pt" if repeated else "model.pt")
     serialised = io.BytesIO()  # in memory first: torch.save on a full disk fails as a RuntimeError mid-file
     torch.save(trainer.final_model().state_dict(), serialised)

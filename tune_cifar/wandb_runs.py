@@ -35,7 +35,8 @@ class WandbRuns:
         self.runs: dict[str, Any] = {}
         self.flows: dict[str, Flows] = {}
 
-    def _run(self, trial_id: str, config: dict[str, Any] | None) -> Any:
+    def _run(self, trial_id: str, config: dict[str, Any] | None, epoch: int = 1) -> Any:
+        """The trial's run, opened at its first report here (``epoch``: a later one continues a resumed trial)."""
         if trial_id not in self.runs:
             import wandb
 
@@ -54,23 +55,26 @@ class WandbRuns:
                 settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
             )
             self.runs[trial_id].define_metric("*", step_metric="epoch")
-            self.flows[trial_id] = self._load_flows(trial_id)
+            self.flows[trial_id] = self._load_flows(trial_id, epoch) if epoch > 1 else {}
         return self.runs[trial_id]
 
-    def _load_flows(self, trial_id: str) -> Flows:
-        """Per-layer history of a resumed trial, from the layers table the earlier driver wrote."""
+    def _load_flows(self, trial_id: str, before: int) -> Flows:
+        """Per-layer history of a resumed trial up to epoch ``before``, from the layers table the
+        earlier driver wrote (a trial's first report here at epoch 1 has none: no reading)."""
         from tune_cifar.tables import trial_rows
 
         flows: Flows = {}
         for row in trial_rows(self.folder, "layers", trial_id):
+            if row["epoch"] >= before:
+                continue
             series = flows.setdefault((row["layer_index"], row["layer"]), {})
             series[row["epoch"]] = (row["grad_mean_abs"], row["update_ratio"])
         return flows
 
     def log(self, trial_id: str, config: dict[str, Any] | None, report: EpochReport) -> None:
         """One epoch: its metrics, and per layer mean |g|, ||ΔW||/||W||, ||W|| and health."""
-        run = self._run(trial_id, config)
         epoch = int(report.epoch["epoch"])
+        run = self._run(trial_id, config, epoch)
         metrics: dict[str, Any] = {key: value for key, value in report.epoch.items() if value is not None}
         for row in report.layers:
             layer = row["layer"]
