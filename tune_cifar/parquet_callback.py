@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,13 @@ from tune_cifar.study_folder import StudyContext, part_trial
 from tune_cifar.tables import TableWriter, TrialRecord
 
 logger = logging.getLogger(__name__)
+
+# The shortest time between the starts of two writer rounds. A round's cost is mostly per file
+# (opening, encoding, fsync: about 5 ms for its three or four files here), so rounds as fast as the
+# disk allows, each holding a report or two, spent a core's worth of CPU beside Ray Tune's loop;
+# paced, a round holds every report of its quarter second, and a row reaches the disk within
+# about that much more (benchmarks/driver_throughput.py).
+ROUND_SECONDS = 0.25
 
 
 class ParquetCallback(tune.Callback):
@@ -91,8 +99,10 @@ class ParquetCallback(tune.Callback):
             self._lock.notify()
 
     def _write_changes(self) -> None:
-        """The writer thread: each round takes every changed trial's writes, then makes them. Once a
-        write failed (a full disk) nothing more is written: the study is stopping, --resume rebuilds."""
+        """The writer thread: each round takes every changed trial's writes, then makes them, and
+        the next round starts ROUND_SECONDS after this one at the earliest (unless the study is
+        closing): reports that come fast share a round instead of each costing one. Once a write
+        failed (a full disk) nothing more is written: the study is stopping, --resume rebuilds."""
         while True:
             with self._lock:
                 while not self._changed and not self._closing:
@@ -101,21 +111,30 @@ class ParquetCallback(tune.Callback):
                     return
                 ops = self.tables.changes()
                 self._changed = False
-            if self.study.write_failures:
-                continue
-            try:
-                if self._encoder is None:  # a failure to start it is not the disk's
-                    self._encoder = HelperProcess("tune_cifar.tables:serve_writes")
-            except Exception as exc:
-                self._failure = exc
+            started = time.monotonic()
+            self._write(ops)
+            if self._failure is not None:
                 return
-            try:
-                self._encoder.call((self.study.folder.path, ops))
-            except OSError as exc:
-                self.study.stop_on_write_failure(exc)
-            except Exception as exc:  # a bug, not the disk: fail the study loudly, as a write in the loop would
-                self._failure = exc
-                return
+            with self._lock:
+                self._lock.wait_for(lambda: self._closing, timeout=ROUND_SECONDS - (time.monotonic() - started))
+
+    def _write(self, ops: list[tables.Write]) -> None:
+        """One round's writes, by the helper process (a disk's error stops the study, anything else
+        is raised in Tune's loop at the next result)."""
+        if self.study.write_failures:
+            return
+        try:
+            if self._encoder is None:  # a failure to start it is not the disk's
+                self._encoder = HelperProcess("tune_cifar.tables:serve_writes")
+        except Exception as exc:
+            self._failure = exc
+            return
+        try:
+            self._encoder.call((self.study.folder.path, ops))
+        except OSError as exc:
+            self.study.stop_on_write_failure(exc)
+        except Exception as exc:  # a bug, not the disk: fail the study loudly, as a write in the loop would
+            self._failure = exc
 
     def close(self) -> None:
         """Flush, then end the writer process (the next change starts another)."""
