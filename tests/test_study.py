@@ -761,6 +761,7 @@ def test_errored_trials_fail_when_the_study_ends(tmp_path: Path) -> None:
     search = search_mod.StudySearch(spaces.load("smoke"), StudyContext(tmp_path, "errors", 8), seed=1)
     search.suggest("x")
     search.on_trial_complete("x", error=True)
+    search.save(str(tmp_path / "searcher.pkl"))  # as Ray does when the experiment ends: the helper's writes are in
     assert optuna_db.finish_study("errors", StudyFolder(tmp_path)) == 1
     (trial,) = optuna.load_study(study_name="errors", storage=StudyFolder(tmp_path).optuna_url).get_trials()
     assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["stop_reason"] == "error"

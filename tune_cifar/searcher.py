@@ -10,7 +10,8 @@ plain Ray ``Searcher`` that owns the Optuna side instead:
 * every epoch's ``val_acc`` is an intermediate value (``trial.report(value, epoch)``, written by a
   helper process: :class:`tune_cifar.optuna_db.ReportWriter`), including the last one before a
   stop (Ray does not pass that one to ``on_trial_result``);
-* a trial that ends is told its outcome's Optuna state (:func:`tune_cifar.outcome.decide`):
+* a trial that ends is told its outcome's Optuna state (:func:`tune_cifar.outcome.decide`; by
+  the same helper, after the trial's reports, and waited for before the next ``ask``):
   ``COMPLETE`` with its final accuracy when it ran every epoch, ``PRUNED`` when ASHA stopped it
   (Optuna keeps the last intermediate value, and TPE ranks it below finished trials); one that
   errored for good is ``FAIL`` at the end of the study (``--resume`` retries errored trials from
@@ -75,7 +76,7 @@ class StudySearch(Searcher):
         for point in space.grid_points():
             self._optuna.enqueue_trial(point)
         self._trials: dict[str, optuna.Trial] = {}
-        self._reports = ReportWriter(study.folder)  # intermediate values, written by a helper process
+        self._reports = ReportWriter(study.folder, study.name)  # reports and tells, by a helper process
 
     # -- asking ------------------------------------------------------------------------------
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
@@ -87,6 +88,7 @@ class StudySearch(Searcher):
             # the next Ray trial takes it over (its sampled values are reused) rather than leaving
             # it RUNNING forever in the database.
             orphan = self.orphans.pop(0) if self.orphans else None
+            self._reports.sync()  # TPE proposes from every trial told so far (and --seed reproduces)
             trial = self._optuna.ask() if orphan is None else private_api.optuna_trial(self._optuna, orphan)
             trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
             self.optuna_ids[trial_id] = private_api.optuna_trial_id(trial)
@@ -107,19 +109,17 @@ class StudySearch(Searcher):
             return  # told by the driver that died; the resumed run repeats the same epochs
         report = EpochReport.from_result(result or {})
         self._report(trial_id, report)  # Ray withholds the result it stopped the trial on
-        self._reports.sync()  # Optuna tells a PRUNED trial its last intermediate value: it must be in
-        trial = self._trial(trial_id)
         self.completed.add(trial_id)
         epochs_run = self.epochs.get(trial_id, 0)
         ended = decide(epochs_run, self.targets[trial_id], error=error, last_train_loss=report.epoch.get("train_loss"))
+        optuna_id = self.optuna_ids[trial_id]
         if ended is Outcome.ERROR:
             self.errored.add(trial_id)  # told FAIL when the study ends, unless a --resume retries it
-            trial.set_user_attr("stop_reason", ended.stop_reason)
+            self._reports.tell(optuna_id, {"stop_reason": ended.stop_reason}, None, None)
             return
         state, value, reason = self._told(ended, epochs_run, report)
-        trial.set_user_attr("stop_reason", reason)
-        trial.set_user_attr("epochs_run", epochs_run)
-        self._optuna.tell(trial, value, state=state, skip_if_finished=True)
+        # by the helper, after the trial's reports (a PRUNED trial's value is its last one)
+        self._reports.tell(optuna_id, {"stop_reason": reason, "epochs_run": epochs_run}, state, value)
 
     @staticmethod
     def _told(ended: Outcome, epochs_run: int, report: EpochReport) -> tuple[TrialState, float | None, str]:
@@ -197,7 +197,7 @@ class StudySearch(Searcher):
 
     def _reopen(self) -> None:
         self._trials = {}
-        self._reports = ReportWriter(self.study.folder)
+        self._reports = ReportWriter(self.study.folder, self.study.name)
         if not self.study.folder.optuna_db.is_file():
             return  # unpickled outside a driver (the database is elsewhere): nothing to reopen
         self._optuna = optuna.load_study(
