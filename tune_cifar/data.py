@@ -271,8 +271,11 @@ _SHIFT = 6  # templates are this much larger than an image on each side
 _DISTRACTORS = 40  # class-free templates blended into every image
 
 
+TRAIN_IMAGES = {"cifar10": 50_000, "synthetic": 10_000}  # each source's training images (train + validation)
+
+
 def synthetic_cifar(
-    n_train: int = 10000, n_test: int = 2000, seed: int = 0
+    n_train: int = TRAIN_IMAGES["synthetic"], n_test: int = 2000, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """CIFAR-shaped data with ten learnable classes, for tests and machines without CIFAR-10.
 
@@ -352,6 +355,19 @@ def _apportion(counts: np.ndarray, total: int) -> np.ndarray:
     return quota
 
 
+def check_sizes(train_images: int, val_size: int | None, subset: int | None) -> None:
+    """The subset and validation sizes a source of ``train_images`` training images allows, one
+    line naming the bad value otherwise: checked by :func:`load_splits`, and by a study before it
+    starts Ray (``TRAIN_IMAGES``), so that a bad size is refused in a second, not after Ray's start
+    and stop."""
+    if subset is not None and not 20 <= subset <= train_images:
+        raise UsageError(f"subset must be between 20 and {train_images} (the training images), got {subset}")
+    pool = train_images if subset is None else subset
+    if val_size is not None and val_size >= pool:
+        where = f"the {pool:,}-image subset" if subset is not None else f"{pool:,} training images"
+        raise UsageError(f"val_size {val_size:,} leaves no training image out of {where}; pass a smaller --val-size")
+
+
 def load_splits(
     source: str = "synthetic",
     data_dir: str | Path | None = None,
@@ -382,10 +398,8 @@ def load_splits(
     else:
         raise UsageError(f"unknown data source {source!r} (choose from {', '.join(cfg.DATA_SOURCES)})")
 
+    check_sizes(len(train_y), val_size, subset)
     if subset is not None:
-        pool = len(train_y)
-        if not 20 <= subset <= pool:
-            raise UsageError(f"subset must be between 20 and {pool} (the training images), got {subset}")
         keep = _stratified_sample(train_y, subset, np.random.default_rng((seed, 1)))
         train_x, train_y = train_x[keep], train_y[keep]
         if not full_test:
@@ -394,9 +408,6 @@ def load_splits(
 
     if val_size is None:
         val_size = len(train_y) // 10
-    elif val_size >= len(train_y):
-        where = f"the {len(train_y):,}-image subset" if subset is not None else f"{len(train_y):,} training images"
-        raise UsageError(f"val_size {val_size:,} leaves no training image out of {where}; pass a smaller --val-size")
     train, val = stratified_split(train_y, val_size, seed)
     return Splits(train_x[train], train_y[train], train_x[val], train_y[val], test_x, test_y, source)
 

@@ -180,10 +180,12 @@ def _resumed_plan(args: Any, storage: StudyStorage) -> tuple[StudyPlan, StudyPla
 def _start(args: Any, plan: StudyPlan, storage: StudyStorage, restore: bool) -> int:
     """Data, Ray, cluster checks, then the study: everything after the study folder is ours."""
     ray_session.prepare_environment(args.address)
-    from tune_cifar.data import load_splits
+    from tune_cifar.data import TRAIN_IMAGES, check_sizes, load_splits
 
     try:
         try:
+            if plan.data in TRAIN_IMAGES:  # an unknown source is named by load_splits
+                check_sizes(TRAIN_IMAGES[plan.data], plan.val_size, plan.subset)
             ray_session.check_reachable(args.address)
             # The data loads while Ray starts (seconds of Ray's own processes starting): a study
             # waits for the longer of the two, not both.
