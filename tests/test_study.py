@@ -740,6 +740,7 @@ def test_searcher_tells_optuna_the_right_states_and_survives_a_lagging_checkpoin
     restored.on_trial_result("c", result(2, 0.25))  # the errored trial, retried by --resume
     restored.on_trial_complete("c", result(3, 0.35))
     restored.on_trial_complete("g", result(1, 0.01))
+    restored.save(str(checkpoint))  # as Ray does when the experiment ends: the helper's writes are in
     assert optuna_db.finish_study("unit", StudyFolder(tmp_path)) == 0
 
     trials = optuna.load_study(study_name="unit", storage=StudyFolder(tmp_path).optuna_url).get_trials()
