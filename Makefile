@@ -15,12 +15,12 @@ CHUNK ?= all
 
 setup: $(STAMP)
 
-# torch 2.13 goes in first so that resolving the project's dependencies keeps this build
-# instead of pulling the newest torch with gigabytes of CUDA packages.
+# torch pinned to 2.13 in the same install, so that resolving the project's dependencies takes
+# this build instead of pulling the newest torch with gigabytes of CUDA packages (one pip run:
+# one resolution, not two).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0 -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
