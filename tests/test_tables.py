@@ -157,7 +157,11 @@ def test_a_finished_trials_row_moves_to_its_own_file_written_before_the_live_one
     }  # fmt: skip
     tables.record("b").trial = {"status": "STOPPED", "epochs_run": 1}
     tables.write()
-    assert _files(tmp_path, "trials") == ["part-a.parquet", "part-b.parquet"]  # no live trial: no live file
+    # no trial running: the live file stays, empty, until the merge (a reader finds what it listed)
+    assert _files(tmp_path, "trials") == ["live.parquet", "part-a.parquet", "part-b.parquet"]
+    assert len(pd.read_parquet(tmp_path / "trials" / "live.parquet")) == 0
+    tables.compact()
+    assert _files(tmp_path, "trials") == ["part-a.parquet", "part-b.parquet"]
 
 
 def test_a_retried_epoch_moves_to_the_new_round_and_a_restore_drops_later_epochs(tmp_path: Path) -> None:
@@ -191,7 +195,8 @@ def test_compact_leaves_one_file_per_trial_and_a_resumed_retry_moves_its_epoch_o
     assert _once(tmp_path)["val_acc"].tolist() == [0.1, 0.2, 0.3]
     resumed = TableWriter.open(tmp_path)  # --resume: the earlier driver's rows, then a retry of epoch 2
     record = resumed.record("t")
-    assert record.trial["epochs_run"] == 3 and record.merged == {1, 2, 3} and not record.rounds
+    assert record.trial["epochs_run"] == 3 and not record.rounds
+    assert record.merged == {(name, e) for name in ("epochs", "layers") for e in (1, 2, 3)}
     assert [row["epoch"] for row in trial_rows(tmp_path, "layers", "t")] == [1, 1, 2, 2, 3, 3]
     record.drop_after(1)
     _report(record, 2, 0.22)
@@ -214,7 +219,8 @@ def test_a_merge_cut_short_reads_once_and_the_next_driver_heals_it(tmp_path: Pat
     assert len(pd.read_parquet(tmp_path / "epochs")) == 4  # what a plain reader sees in that moment
     assert read_table(tmp_path, "epochs")["epoch"].tolist() == [1, 2]
     resumed = TableWriter.open(tmp_path)
-    assert resumed.record("t").rounds == {1: 1, 2: 2} and resumed.record("t").unmerged == {1, 2}
+    assert resumed.record("t").rounds == {(name, e): e for name in ("epochs", "layers") for e in (1, 2)}
+    assert resumed.record("t").unmerged == {("epochs", 1), ("epochs", 2)}  # only the table merged twice
     _report(resumed.record("t"), 3, 0.3)
     resumed.write()
     assert _once(tmp_path)["val_acc"].tolist() == [0.1, 0.2, 0.3]
@@ -235,3 +241,39 @@ def test_compact_leaves_out_trials_the_study_does_not_know(tmp_path: Path) -> No
     for name in ("epochs", "layers", "trials"):
         assert _files(tmp_path, name) == ["part-kept.parquet"]
     assert _once(tmp_path, "kept")["val_acc"].tolist() == [0.1, 0.2]
+
+
+def test_a_driver_killed_while_removing_the_merged_rounds_loses_no_table(tmp_path: Path) -> None:
+    """The merge at the end writes each trial's files, then removes the round files table by
+    table: killed in between, the next driver takes the rounds still there as the newer copies of
+    their own table only, and every table keeps every row."""
+    tables = TableWriter.open(tmp_path)
+    for epoch in (1, 2):
+        _report(tables.record("t"), epoch, epoch / 10)
+        tables.write()
+    rounds = {name: sorted((tmp_path / name).glob("round-*.parquet")) for name in ("epochs", "layers")}
+    saved = {path: path.read_bytes() for paths in rounds.values() for path in paths}
+    tables.compact()
+    for path in rounds["layers"]:  # as if killed after the epochs rounds went, before the layers rounds did
+        path.write_bytes(saved[path])
+    resumed = TableWriter.open(tmp_path)
+    resumed.write()
+    assert _once(tmp_path)["epoch"].tolist() == [1, 2]
+    assert sorted(read_table(tmp_path, "layers")["epoch"]) == [1, 1, 2, 2]
+    resumed.compact()
+    assert _files(tmp_path, "epochs") == _files(tmp_path, "layers") == ["part-t.parquet"]
+    assert _once(tmp_path)["epoch"].tolist() == [1, 2] and len(pd.read_parquet(tmp_path / "layers")) == 4
+
+
+def test_a_trial_known_only_by_its_epochs_gets_no_empty_row(tmp_path: Path) -> None:
+    """A driver killed between a round's epoch files and its trials row leaves epochs of a trial
+    without a row: the next driver writes no row of nulls for it, only the row it is given."""
+    older = TableWriter.open(tmp_path)
+    older.record("t").add("epochs", [{"epoch": 1, "val_acc": 0.1}])
+    apply(tmp_path, [op for op in older.changes() if op.table != "trials"])  # killed before the trials row
+    resumed = TableWriter.open(tmp_path)
+    resumed.write()
+    assert not (tmp_path / "trials").exists() or len(pd.read_parquet(tmp_path / "trials")) == 0
+    resumed.record("t").trial = {"status": "RUNNING", "epochs_run": 1}
+    resumed.write()
+    assert pd.read_parquet(tmp_path / "trials")["status"].tolist() == ["RUNNING"]

@@ -65,6 +65,18 @@ def finish_study(name: str, folder: StudyFolder) -> int:
     return len(running)
 
 
+# this process's writers with a helper (held here: a searcher Ray dropped may still have writes on the way)
+_started: set[ReportWriter] = set()
+
+
+def sync_writers() -> None:
+    """Wait until every :class:`ReportWriter` of this process has written what it was sent. The
+    driver calls it after ``Tuner.fit``, before it reads, closes or copies the database: Ray's
+    final save of the searcher (which syncs) is not something to rely on, it logs its errors."""
+    for writer in list(_started):
+        writer.sync()
+
+
 class ReportWriter:
     """Intermediate values and finished trials on their way into the database, written by a helper
     process in order. The helper ends with the driver (its input closes)."""
@@ -89,6 +101,7 @@ class ReportWriter:
             self._process = helper_process.HelperProcess(
                 "tune_cifar.optuna_db:serve_reports", self.folder, self.study_name
             )
+            _started.add(self)
         try:
             self._process.send(job)
         except BrokenPipeError:
@@ -105,6 +118,7 @@ def serve_reports(jobs: IO[bytes], replies: IO[bytes], folder: StudyFolder, stud
     value)`` and ``("tell", trial id, attributes, state name or None, value)`` through Optuna's
     storage and study; answer each ``("sync",)`` with None, or with the first error a write
     raised since the last answer (raised in the driver, as a write in the loop would have been)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # as in the driver: no line per tell
     storage = open_database(folder)
     study = optuna.load_study(study_name=study_name, storage=storage)
     failure: Exception | None = None

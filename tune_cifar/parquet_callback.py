@@ -81,7 +81,7 @@ class ParquetCallback(tune.Callback):
         row, and hand the change to the writer thread."""
         if self._failure is not None:
             raise self._failure
-        base = {"study": self.study.name, **hyperparameter_row(trial)}
+        base = {"study": self.study.name, **hyperparameter_row(trial)}  # Ray's config: over what the disk says
         with self._lock:
             record = self.record(trial)
             if drop_after is not None:
@@ -90,13 +90,19 @@ class ParquetCallback(tune.Callback):
                 record.add("epochs", [report.epoch])
                 record.add("layers", report.layers)
                 record.add("steps", report.steps)
-            record.trial = {**base, **record.trial, **fields}
+            record.trial = {**record.trial, **base, **fields}
             self._changed = True
             if self._writer is None:
                 self._closing = False
                 self._writer = threading.Thread(target=self._write_changes, name="parquet", daemon=True)
                 self._writer.start()
             self._lock.notify()
+
+    def forget_epochs(self, trial: Any) -> None:
+        """Take every epoch of the trial off disk (at the next round): a rebuild replays them."""
+        with self._lock:
+            self.record(trial).drop_after(0)
+            self._changed = True
 
     def _write_changes(self) -> None:
         """The writer thread: each round takes every changed trial's writes, then makes them, and
@@ -109,7 +115,11 @@ class ParquetCallback(tune.Callback):
                     self._lock.wait()
                 if not self._changed:
                     return
-                ops = self.tables.changes()
+                try:
+                    ops = self.tables.changes()
+                except Exception as exc:  # a bug: raised in Tune's loop at the next result, not lost with the thread
+                    self._failure = exc
+                    return
                 self._changed = False
             started = time.monotonic()
             self._write(ops)
@@ -236,7 +246,7 @@ def repair_tables(study: StudyContext) -> list[str]:
         results = folder.trial_dir(trial.trial_id) / "result.json"
         if not (everyone or trial.trial_id in lost) or not results.is_file():
             continue
-        writer.record(trial).drop_after(0)  # every table of the trial is rewritten from the replay
+        writer.forget_epochs(trial)  # every table of the trial is rewritten from the replay
         for line in results.read_text().splitlines():
             if line.strip():
                 writer.on_trial_result(0, [], trial, json.loads(line))

@@ -269,6 +269,9 @@ def _close(args: Any, plan: StudyPlan, storage: StudyStorage, fit: Fit) -> int:
     marks the trials it stops when the driver stops TERMINATED, so a Ctrl-C after the last trial
     started would look like a finished study (and close it in Optuna and delete its checkpoints).
     """
+    from tune_cifar import optuna_db
+
+    optuna_db.sync_writers()  # every tell and report the searcher sent is in the database
     if fit.write_failures:  # nothing more is written; the tables hold what was written whole
         print(f"error: {fit.write_failures[0]}; the study stopped. Free space (or fix the folder), then continue "
               f"with: {_resume_command(plan, storage)}", file=sys.stderr)  # fmt: skip
@@ -282,8 +285,6 @@ def _close(args: Any, plan: StudyPlan, storage: StudyStorage, fit: Fit) -> int:
         trials = None
     counts = outcome_counts(trials) if trials is not None else {}
     unfinished = max(0, plan.num_samples - sum(n for outcome, n in counts.items() if outcome.final))
-    from tune_cifar import optuna_db
-
     if not unfinished:
         optuna_db.finish_study(plan.name, storage.local)
         if not args.keep_checkpoints:

@@ -83,7 +83,7 @@ class StudyFolder:
 
     @property
     def damaged(self) -> Path:
-        """Part files a resume found unreadable, set aside before their rows were rebuilt."""
+        """Table files a resume found unreadable, set aside before their rows were rebuilt."""
         return self.path / "damaged"
 
     def table(self, name: str) -> Path:

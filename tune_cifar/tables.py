@@ -198,10 +198,16 @@ class Write:
 LIVE, OWN = "live", "own"  # where a trial's ``trials`` row is: the study's live file, or a file of its own
 
 
+Part = tuple[str, int]  # (table, epoch): one table's rows of one epoch of a trial, kept in one file
+
+
 @dataclass
 class TrialRecord:
-    """One trial's rows on their way to disk, deduplicated by epoch, and where its earlier epochs
-    are: what the driver keeps per trial (:class:`TableWriter` says where the files are)."""
+    """One trial's rows on their way to disk, deduplicated by epoch, and which file holds each
+    table's rows of each earlier epoch: what the driver keeps per trial (:class:`TableWriter`
+    says where the files are). Each table's copy is tracked on its own: a driver killed between
+    a round's files, or in the middle of removing the merged rounds, leaves one table's rows of an
+    epoch where another's are not."""
 
     trial_id: str
     trial: dict[str, Any] = field(default_factory=dict)  # the trial's ``trials`` row: replace it, don't edit it
@@ -209,10 +215,10 @@ class TrialRecord:
         default_factory=lambda: {name: {} for name in PER_EPOCH_KEYS}
     )  # rows of the epochs in ``dirty``, by key: a row with the same key replaces the earlier one
     dirty: set[int] = field(default_factory=set)  # epochs reported since the last round
-    rounds: dict[int, int] = field(default_factory=dict)  # epoch -> the round file holding its rows
-    merged: set[int] = field(default_factory=set)  # epochs in the trial's merged files
-    leaving: dict[int, set[int]] = field(default_factory=dict)  # round -> epochs whose rows are to leave it
-    unmerged: set[int] = field(default_factory=set)  # epochs whose rows are to leave the merged files
+    rounds: dict[Part, int] = field(default_factory=dict)  # -> the round file holding those rows
+    merged: set[Part] = field(default_factory=set)  # in the trial's merged files
+    leaving: dict[int, set[Part]] = field(default_factory=dict)  # round -> rows that are to leave its files
+    unmerged: set[Part] = field(default_factory=set)  # rows that are to leave the merged files
     row_in: str | None = None  # LIVE, OWN, or None: the row was never written
     written_row: dict[str, Any] | None = None  # the ``trial`` last written (the same object until replaced)
 
@@ -222,8 +228,9 @@ class TrialRecord:
             row = {**row, "trial_id": self.trial_id}
             self.pending[name][tuple(row[key] for key in PER_EPOCH_KEYS[name])] = row
             epoch = row["epoch"]
-            self.dirty.add(epoch)  # a retried epoch is written anew, with only the rows it reports now
-            self._leave(epoch)
+            self.dirty.add(epoch)  # a retried epoch is written anew, every table with only the rows it reports now
+            for table in PER_EPOCH_KEYS:
+                self._leave((table, epoch))
 
     def drop_after(self, epoch: int) -> None:
         """Forget rows of epochs after ``epoch``: a trial restored from an older checkpoint redoes them."""
@@ -231,26 +238,26 @@ class TrialRecord:
             for key in [key for key, row in rows.items() if row["epoch"] > epoch]:
                 del rows[key]
         self.dirty = {e for e in self.dirty if e <= epoch}
-        for later in [e for e in (*self.rounds, *self.merged) if e > epoch]:
-            self._leave(later)
+        for part in [part for part in (*self.rounds, *self.merged) if part[1] > epoch]:
+            self._leave(part)
 
-    def _leave(self, epoch: int) -> None:
-        """The rows of ``epoch`` on disk are to go (their replacement, if any, is written first)."""
-        if epoch in self.rounds:
-            self.leaving.setdefault(self.rounds.pop(epoch), set()).add(epoch)
-        if epoch in self.merged:
-            self.merged.discard(epoch)
-            self.unmerged.add(epoch)
+    def _leave(self, part: Part) -> None:
+        """These rows on disk are to go (their replacement, if any, is written first)."""
+        if part in self.rounds:
+            self.leaving.setdefault(self.rounds.pop(part), set()).add(part)
+        if part in self.merged:
+            self.merged.discard(part)
+            self.unmerged.add(part)
 
-    def found_in_round(self, epoch: int, number: int) -> None:
-        """An earlier driver left ``epoch``'s rows in round file ``number``: the newest copy is the one."""
-        older = self.rounds.get(epoch)
+    def found_in_round(self, part: Part, number: int) -> None:
+        """An earlier driver left these rows in round file ``number``: the newest copy is the one."""
+        older = self.rounds.get(part)
         if older is not None and older != number:
-            self.leaving.setdefault(min(older, number), set()).add(epoch)
-        self.rounds[epoch] = max(number, older or number)
-        if epoch in self.merged:  # a merge the driver did not finish: the round file's copy counts
-            self.merged.discard(epoch)
-            self.unmerged.add(epoch)
+            self.leaving.setdefault(min(older, number), set()).add(part)
+        self.rounds[part] = max(number, older or number)
+        if part in self.merged:  # a merge the driver did not finish: the round file's copy counts
+            self.merged.discard(part)
+            self.unmerged.add(part)
 
     def row(self) -> dict[str, Any]:
         return {**self.trial, "trial_id": self.trial_id}
@@ -264,16 +271,18 @@ class TableWriter:
     (:meth:`changes`) then writes the rows of every epoch reported since the last round, of all
     trials together, as one file per table (``round-NNNNNNNN.parquet``): a report costs the same at
     epoch 100 as at epoch 1, a round costs a few files however many trials reported in it, and a
-    reader never meets a round file being replaced (pyarrow may open a file twice while reading
-    it). A retried epoch's rows are written in the new round, then taken out of the older file;
-    the epochs a restore redoes are taken out too. A running trial's ``trials`` row is in the
-    study's live file (``trials/live.parquet``, every running trial's row, replaced each round);
+    reader seldom meets a round file being replaced (pyarrow may open a file twice while reading
+    it): only when rows are taken out of it. A retried epoch's rows are written in the new round,
+    then taken out of the older file; the epochs a restore redoes are taken out too. A running
+    trial's ``trials`` row is in the study's live file (``trials/live.parquet``, every running
+    trial's row, replaced each round, empty when none runs);
     a finished trial's row goes to a file of its own (``part-ID.parquet``). When the run or the
     study ends, :meth:`compact` merges each trial's epochs into its one file per table and moves
     the rows left live to their own files, so a finished folder holds one file per trial and table.
 
     Every row lives in exactly one file, except for the moment a merge, a retry or a finish
-    moves it (new copy first): :func:`read_table` keeps the newer copy.
+    moves it (new copy first; a driver killed in that moment leaves both until the next driver's
+    first round): :func:`read_table` keeps the newer copy.
     """
 
     root: Path
@@ -303,7 +312,7 @@ class TableWriter:
                 writer.next_round = max(writer.next_round, number + 1)
                 keys = pq.read_table(path, columns=["trial_id", "epoch"]).to_pydict()
                 for trial_id, epoch in set(zip(keys["trial_id"], keys["epoch"], strict=True)):
-                    writer.record(trial_id).found_in_round(epoch, number)
+                    writer.record(trial_id).found_in_round((name, epoch), number)
         return writer
 
     def record(self, trial_id: str) -> TrialRecord:
@@ -320,7 +329,7 @@ class TableWriter:
             for name in PER_EPOCH_KEYS:
                 if folder.part(name, trial_id).exists():
                     epochs = pq.read_table(folder.part(name, trial_id), columns=["epoch"]).column("epoch")
-                    record.merged |= set(epochs.to_pylist())
+                    record.merged |= {(name, epoch) for epoch in epochs.to_pylist()}
         return record
 
     def changes(self) -> list[Write]:
@@ -339,24 +348,22 @@ class TableWriter:
                 if rows:
                     writes.append(Write(folder.round_file(name, number), name, rows))
             for record in reported:
-                record.rounds |= dict.fromkeys(record.dirty, number)
+                record.rounds |= dict.fromkeys(((name, e) for name in PER_EPOCH_KEYS for e in record.dirty), number)
                 record.pending = {name: {} for name in PER_EPOCH_KEYS}
                 record.dirty = set()
         leaving: dict[tuple[Path, str], set[tuple[str, int]]] = {}
         for record in records:
-            for number, epochs in record.leaving.items():
-                for name in PER_EPOCH_KEYS:
-                    leaving.setdefault((folder.round_file(name, number), name), set()).update(
-                        (record.trial_id, epoch) for epoch in epochs
-                    )
-            for name in PER_EPOCH_KEYS if record.unmerged else ():
-                leaving.setdefault((folder.part(name, record.trial_id), name), set()).update(
-                    (record.trial_id, epoch) for epoch in record.unmerged
-                )
+            for number, parts in record.leaving.items():
+                for name, epoch in parts:
+                    leaving.setdefault((folder.round_file(name, number), name), set()).add((record.trial_id, epoch))
+            for name, epoch in record.unmerged:
+                leaving.setdefault((folder.part(name, record.trial_id), name), set()).add((record.trial_id, epoch))
             record.leaving, record.unmerged = {}, set()
         writes += [Write(path, name, drop=frozenset(keys)) for (path, name), keys in leaving.items()]
         for record in records:
-            if record.trial is record.written_row:  # a new row is a new dict: no comparing every trial's
+            # a new row is a new dict: no comparing every trial's; a trial known only by its epochs
+            # on disk (its row was never written) gets a row when the driver gives it one
+            if record.trial is record.written_row or not record.trial:
                 continue
             if record.row_in == OWN or record.trial.get("status") in FINISHED_STATUSES:
                 writes.append(Write(folder.part("trials", record.trial_id), "trials", [record.row()]))
@@ -366,8 +373,10 @@ class TableWriter:
                 self.live_changed, record.row_in = True, LIVE
             record.written_row = record.trial
         if self.live_changed:  # after the own files: a finished trial's row is never missing
+            # kept while the study runs, empty when no trial is running (a reader listing the
+            # folder then finds the file it listed); the merge at the end removes it
             live = [record.row() for record in records if record.row_in == LIVE]
-            writes.append(Write(folder.live_trials(), "trials", live or None))
+            writes.append(Write(folder.live_trials(), "trials", live))
             self.live_changed = False
         return writes
 
@@ -445,10 +454,10 @@ def apply(root: Path, writes: list[Write]) -> None:
             if path.exists():
                 rows = pq.read_table(path).to_pylist()
                 kept = [row for row in rows if (row["trial_id"], row["epoch"]) not in write.drop]
-                if kept:
-                    write_atomic(to_arrow(write.table, kept), path)
-                else:
+                if not kept:
                     path.unlink()
+                elif len(kept) < len(rows):
+                    write_atomic(to_arrow(write.table, kept), path)
         elif write.rows is None:
             path.unlink(missing_ok=True)
         else:
