@@ -91,18 +91,22 @@ class ParquetCallback(tune.Callback):
                 record.add("layers", report.layers)
                 record.add("steps", report.steps)
             record.trial = {**record.trial, **base, **fields}
-            self._changed = True
-            if self._writer is None:
-                self._closing = False
-                self._writer = threading.Thread(target=self._write_changes, name="parquet", daemon=True)
-                self._writer.start()
-            self._lock.notify()
+            self._hand_over()
 
     def forget_epochs(self, trial: Any) -> None:
         """Take every epoch of the trial off disk (at the next round): a rebuild replays them."""
         with self._lock:
             self.record(trial).drop_after(0)
-            self._changed = True
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Tell the writer thread (started if it is not running) that records changed; under the lock."""
+        self._changed = True
+        if self._writer is None:
+            self._closing = False
+            self._writer = threading.Thread(target=self._write_changes, name="parquet", daemon=True)
+            self._writer.start()
+        self._lock.notify()
 
     def _write_changes(self) -> None:
         """The writer thread: each round takes every changed trial's writes, then makes them, and
@@ -258,7 +262,7 @@ def repair_tables(study: StudyContext) -> list[str]:
     writer.close()
 
     def done(part: Path) -> str:
-        if everyone and not part.name.startswith("part-"):
+        if part not in own:
             return f"{len(rebuilt)} trials rebuilt from Ray's results"
         return "rebuilt from Ray's results" if part_trial(part) in rebuilt else "not rebuilt (no results)"
 

@@ -184,10 +184,9 @@ def _replace_durably(path: Path, write: Any) -> None:
 
 @dataclass(frozen=True)
 class Write:
-    """One step of a writer round: ``rows`` into ``path`` (a new file, or one replaced whole),
-    ``path`` removed (``rows`` and ``drop`` None), or the rows of ``drop``'s ``(trial_id, epoch)``
-    keys taken out of ``path`` (read back from the file itself: the driver keeps no rows once they
-    are written; the file goes when none is left)."""
+    """One step of a writer round: ``rows`` into ``path`` (a new file, or one replaced whole), or
+    the rows of ``drop``'s ``(trial_id, epoch)`` keys taken out of ``path`` (read back from the file
+    itself: the driver keeps no rows once they are written; the file goes when none is left)."""
 
     path: Path  # relative to the results folder
     table: str
@@ -226,7 +225,7 @@ class TrialRecord:
         """Add rows of a per-epoch table; a row with the same key (a retried epoch) replaces the old one."""
         for row in new_rows:
             row = {**row, "trial_id": self.trial_id}
-            self.pending[name][tuple(row[key] for key in PER_EPOCH_KEYS[name])] = row
+            self.pending[name][row_key(name, row)] = row
             epoch = row["epoch"]
             self.dirty.add(epoch)  # a retried epoch is written anew, every table with only the rows it reports now
             for table in PER_EPOCH_KEYS:
@@ -245,6 +244,9 @@ class TrialRecord:
         """These rows on disk are to go (their replacement, if any, is written first)."""
         if part in self.rounds:
             self.leaving.setdefault(self.rounds.pop(part), set()).add(part)
+        self._unmerge(part)
+
+    def _unmerge(self, part: Part) -> None:
         if part in self.merged:
             self.merged.discard(part)
             self.unmerged.add(part)
@@ -255,9 +257,7 @@ class TrialRecord:
         if older is not None and older != number:
             self.leaving.setdefault(min(older, number), set()).add(part)
         self.rounds[part] = max(number, older or number)
-        if part in self.merged:  # a merge the driver did not finish: the round file's copy counts
-            self.merged.discard(part)
-            self.unmerged.add(part)
+        self._unmerge(part)  # also in the merged file: a merge the driver did not finish, the round's copy counts
 
     def row(self) -> dict[str, Any]:
         return {**self.trial, "trial_id": self.trial_id}
@@ -396,8 +396,7 @@ class TableWriter:
         for name in PER_EPOCH_KEYS:
             for path in folder.rounds(name):  # in round order: a later copy of a row wins
                 for row in pq.read_table(path).to_pylist():
-                    key = tuple(row[key] for key in PER_EPOCH_KEYS[name])
-                    new_rows.setdefault(row["trial_id"], {}).setdefault(name, {})[key] = row
+                    new_rows.setdefault(row["trial_id"], {}).setdefault(name, {})[row_key(name, row)] = row
         merged = sorted(trial_id for trial_id in new_rows.keys() | self.records.keys() if kept(trial_id))
         for trial_id in merged:
             record = self.record(trial_id)
@@ -427,8 +426,13 @@ def round_number(path: Path) -> int:
     return int(path.name.removeprefix("round-").removesuffix(".parquet"))
 
 
+def row_key(name: str, row: dict[str, Any]) -> tuple[Any, ...]:
+    """A per-epoch table's row's key within its trial (a row with the same key replaces it)."""
+    return tuple(row[key] for key in PER_EPOCH_KEYS[name])
+
+
 def _keyed(name: str, rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, Any]]:
-    return {tuple(row[key] for key in PER_EPOCH_KEYS[name]): row for row in rows}
+    return {row_key(name, row): row for row in rows}
 
 
 def trial_rows(root: Path, name: str, trial_id: str) -> list[dict[str, Any]]:
@@ -458,10 +462,8 @@ def apply(root: Path, writes: list[Write]) -> None:
                     path.unlink()
                 elif len(kept) < len(rows):
                     write_atomic(to_arrow(write.table, kept), path)
-        elif write.rows is None:
-            path.unlink(missing_ok=True)
         else:
-            write_atomic(to_arrow(write.table, write.rows), path)
+            write_atomic(to_arrow(write.table, write.rows or []), path)
 
 
 def serve_writes(jobs: IO[bytes], replies: IO[bytes]) -> None:
