@@ -167,6 +167,40 @@ def test_cluster_checks_on_a_local_one_node_cluster() -> None:
     assert result["label"].endswith("/" + result["node_id"][-8:])
 
 
+LOCAL_STOP = """\
+from tune_cifar import ray_session
+
+ray_session.prepare_environment(None)
+ray_session.connect(None)
+print(len(ray_session._python_services))
+ray_session.shutdown()
+"""
+
+
+def test_a_local_rays_stop_kills_its_python_services_first_and_leaves_nothing_running() -> None:
+    """The driver's local Ray as a study starts it (services with SIGTERM blocked), stopped by
+    ``ray_session.shutdown``, in a child process in a session of its own: it found Ray's Python
+    services (killed before ``ray.shutdown()``, which would wait a second for each) and, after it,
+    no process of that session is left."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env.update(RAY_AUTH_TOKEN=os.urandom(32).hex(), PYTHONPATH=str(REPO))
+    child = subprocess.Popen(
+        [sys.executable, "-c", LOCAL_STOP], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = child.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        out, err = child.communicate()
+    finally:
+        survivors = _still_running(_processes_of(child.pid, "\0"))
+        _kill(survivors)
+    assert child.returncode == 0, err[-4000:]
+    assert int(out.strip().splitlines()[-1]) >= 1, "no Python service of Ray's found: the fast stop does nothing"
+    assert not survivors, f"the stop left processes {[proc.pid for proc in survivors]}"
+
+
 def _processes_of(session: int, text: str) -> list[Any]:
     """Live processes in session ``session`` (a child started with start_new_session) or naming ``text``."""
     import psutil

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from tune_cifar import private_api
 from tune_cifar.config import read_yaml
 from tune_cifar.errors import UsageError
@@ -208,10 +210,6 @@ def _monitor_config_path(gcs_address: str) -> str | None:
 
 
 def _process_command_lines() -> Iterable[list[str]]:
-    try:
-        import psutil
-    except ImportError:  # psutil ships with ray[default]; without it the monitor cannot be found
-        return
     for proc in psutil.process_iter(["cmdline"]):
         try:
             argv = proc.info["cmdline"]

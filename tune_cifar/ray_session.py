@@ -3,6 +3,7 @@ cluster can hold (GPUs per trial, one node or several, how many trials to place 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -10,7 +11,13 @@ import socket
 import sys
 from dataclasses import dataclass
 
+import psutil
+
 from tune_cifar.errors import UsageError
+
+# The Python services (autoscaler monitor, dashboard, log monitor) the local Ray of this process
+# started: see :func:`shutdown`.
+_python_services: list[psutil.Process] = []
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,9 @@ def connect(address: str | None) -> None:
     """
     import ray
 
+    driver = psutil.Process()
+    children_before = {child.pid for child in driver.children()}
+
     held: list[int] = []
     previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum))
                 for signum in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
@@ -92,6 +102,8 @@ def connect(address: str | None) -> None:
     try:
         if address is None:
             ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+            _python_services[:] = [child for child in driver.children()
+                                   if child.pid not in children_before and _runs_python(child)]  # fmt: skip
         else:
             _join(address)
     finally:
@@ -146,8 +158,29 @@ def allow_pending_trials(max_concurrent: int | None, placement: Placement) -> No
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(pending))
 
 
+def _runs_python(process: psutil.Process) -> bool:
+    try:
+        return process.exe() == os.path.realpath(sys.executable)
+    except psutil.Error:
+        return False
+
+
 def shutdown() -> None:
-    """Stop what :func:`connect` started (nothing when Ray was never imported)."""
+    """Stop what :func:`connect` started (nothing when Ray was never imported).
+
+    ``ray.shutdown()`` sends each service it started SIGTERM and waits a second for it to exit
+    before it kills it; a local Ray's services have SIGTERM blocked (:func:`connect`), so that was
+    five seconds of every command. The three that are Python programs (the autoscaler's monitor,
+    the dashboard, the log monitor) hold nothing of the study and nothing the driver waits on, so
+    they are killed first; Ray then finds them gone. The GCS and the raylet keep Ray's own order
+    (the driver disconnects from them first; a raylet killed under it dumps its log on stderr).
+    """
     ray = sys.modules.get("ray")
-    if ray is not None:
-        ray.shutdown()
+    if ray is None:
+        return
+    for service in _python_services:
+        with contextlib.suppress(psutil.Error):
+            service.kill()
+    psutil.wait_procs(_python_services, timeout=1)
+    _python_services.clear()
+    ray.shutdown()
