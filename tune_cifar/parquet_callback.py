@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from ray import tune
 
 from tune_cifar import tables
@@ -31,7 +32,7 @@ from tune_cifar.helper_process import HelperProcess
 from tune_cifar.outcome import Outcome
 from tune_cifar.ray_trial import error_line, hyperparameter_row, outcome
 from tune_cifar.report import EpochReport
-from tune_cifar.study_folder import StudyContext, part_trial
+from tune_cifar.study_folder import StudyContext, StudyFolder, part_trial
 from tune_cifar.tables import TableWriter, TrialRecord
 
 logger = logging.getLogger(__name__)
@@ -226,17 +227,18 @@ class ParquetCallback(tune.Callback):
 
 
 def repair_tables(study: StudyContext) -> list[str]:
-    """Before a resume: set damaged files aside (``STUDY/damaged/``) and rebuild their trials'
-    rows by replaying Ray's saved results (``trial_*/result.json``) through :class:`ParquetCallback`,
-    the same code that wrote them. A damaged round or live file held rows of trials it cannot
-    name: then every trial is rebuilt. Returns one line per damaged file, saying what was done."""
+    """Before a resume: make the tables hold what Ray's saved results (``trial_*/result.json``) say
+    was reported, by replaying a trial's results through :class:`ParquetCallback`, the same code
+    that wrote them. Two cases: a damaged file is set aside (``STUDY/damaged/``) and its trials
+    rebuilt (a damaged round or live file held rows of trials it cannot name: every trial); and a
+    trial whose rows on disk fall short of its results (a driver killed before its writer's last
+    round: epochs Ray will not replay, or a finished trial still RUNNING) is rebuilt. Returns one
+    line per damaged file and one for the trials that fell short, saying what was done."""
     folder = study.folder
-    damaged = tables.damaged_parts(folder.path)
-    if not damaged:
-        return []
     from ray.tune import ExperimentAnalysis
 
     ray_trials = ExperimentAnalysis(str(folder.path)).trials  # loaded first: nothing moves if this fails
+    damaged = tables.damaged_parts(folder.path)
     aside = folder.damaged
     own = [part for part in damaged if part.name.startswith("part-")]
     everyone = len(own) < len(damaged)
@@ -244,16 +246,16 @@ def repair_tables(study: StudyContext) -> list[str]:
     for part in damaged:
         (aside / part.parent.name).mkdir(parents=True, exist_ok=True)
         part.replace(aside / part.parent.name / part.name)
+    results = {trial.trial_id: _saved_results(folder.trial_dir(trial.trial_id) / "result.json") for trial in ray_trials}
+    behind = set() if everyone else _behind(folder, ray_trials, results) - lost
     writer = ParquetCallback(study)
     rebuilt = set()
     for trial in ray_trials:
-        results = folder.trial_dir(trial.trial_id) / "result.json"
-        if not (everyone or trial.trial_id in lost) or not results.is_file():
+        if not (everyone or trial.trial_id in lost or trial.trial_id in behind) or results[trial.trial_id] is None:
             continue
         writer.forget_epochs(trial)  # every table of the trial is rewritten from the replay
-        for line in results.read_text().splitlines():
-            if line.strip():
-                writer.on_trial_result(0, [], trial, json.loads(line))
+        for result in results[trial.trial_id]:
+            writer.on_trial_result(0, [], trial, result)
         if trial.status == "TERMINATED":
             writer.on_trial_complete(0, [], trial)
         elif trial.status == "ERROR":
@@ -266,4 +268,45 @@ def repair_tables(study: StudyContext) -> list[str]:
             return f"{len(rebuilt)} trials rebuilt from Ray's results"
         return "rebuilt from Ray's results" if part_trial(part) in rebuilt else "not rebuilt (no results)"
 
-    return [f"{part}: damaged; set aside in {aside} and {done(part)}" for part in damaged]
+    lines = [f"{part}: damaged; set aside in {aside} and {done(part)}" for part in damaged]
+    if behind:
+        lines.append(f"{len(behind & rebuilt)} trials whose rows fell short of Ray's results (a driver stopped "
+                     "before its last writes): rebuilt from Ray's results")  # fmt: skip
+    return lines
+
+
+def _saved_results(path: Path) -> list[dict[str, Any]] | None:
+    """A trial's results as Ray's JSON logger saved them, in order (None: no file)."""
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _behind(folder: StudyFolder, ray_trials: list[Any], results: dict[str, list[dict[str, Any]] | None]) -> set[str]:
+    """Trials whose rows on disk miss a (table, epoch) their saved results hold, or that Ray
+    finished while their ``trials`` row says RUNNING (or they have none)."""
+    on_disk: dict[str, set[tuple[str, int]]] = {}
+    for name in tables.PER_EPOCH_KEYS:
+        if folder.files(name):
+            rows = pd.read_parquet(folder.table(name), columns=["trial_id", "epoch"], schema=tables.SCHEMAS[name])
+            rows = rows.drop_duplicates()
+            for trial_id, epoch in rows.itertuples(index=False):
+                on_disk.setdefault(trial_id, set()).add((name, int(epoch)))
+    status = {}
+    if folder.files("trials"):
+        rows = pd.read_parquet(folder.table("trials"), columns=["trial_id", "status"], schema=tables.SCHEMAS["trials"])
+        status = dict(rows.itertuples(index=False))
+    behind = set()
+    for trial in ray_trials:
+        saved = results[trial.trial_id] or []
+        expected = set()
+        for result in saved:
+            report = EpochReport.from_result(result)
+            epoch = int(report.epoch.get("epoch") or 0)
+            for name, rows in (("epochs", [report.epoch]), ("layers", report.layers), ("steps", report.steps)):
+                if rows and epoch > 0:
+                    expected.add((name, epoch))
+        finished = trial.status in ("TERMINATED", "ERROR") and status.get(trial.trial_id) in (None, "RUNNING")
+        if saved and (finished or not expected <= on_disk.get(trial.trial_id, set())):
+            behind.add(trial.trial_id)
+    return behind
