@@ -14,7 +14,12 @@ fresh process and folder, and prints for each, side by side:
     the Optuna searcher, timed by wrapping their methods in this benchmark's process;
   - *trial start and the rest*: what remains (actor start, ``tune.with_parameters`` data,
     building the Trainer and counting MACs, Ray's event loop);
-* the ratio of each setting's fit and whole-command times to the first setting's.
+* the ratio of each setting's fit and whole-command times to the first setting's;
+* Ray's floor, in the same run: a bare Ray Tune study of the same shape (trials x epochs, the
+  same concurrency, actors reused as on one node, the study's two result loggers) whose epochs
+  sleep the study's mean epoch seconds, started and stopped the plain way (``ray.init``,
+  ``ray.shutdown``) in a fresh process: its whole command and ``Tuner.fit`` against its own ideal.
+  What the study costs beyond that floor is the project's; the rest is Ray's.
 
     python benchmarks/study_overhead.py [--space FILE] [--checkpoint-every 1 4] [--keep]
 """
@@ -61,9 +66,14 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the study folders")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one study in this process
     parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--floor", nargs=4, type=float, help=argparse.SUPPRESS)  # internal: Ray's floor
     args = parser.parse_args()
     if args.one is not None:
         run_one(args.space, args.one, Path(args.folder), args.wandb)
+        return
+    if args.floor is not None:
+        trials, epochs, concurrency, seconds = args.floor
+        run_floor(int(trials), int(epochs), int(concurrency), seconds)
         return
     root = Path(tempfile.mkdtemp(prefix="study-overhead-"))
     measured = []
@@ -76,7 +86,9 @@ def main() -> None:
         if done.returncode != 0:
             sys.exit(f"study with --checkpoint-every {every} failed ({done.returncode}):\n{done.stderr[-3000:]}")
         measured.append(summarise(folder / "bench", every, whole, done.stdout))
+    floor = measure_floor(measured[0])
     print_table(measured, args.space, args.wandb)
+    print_floor(floor, measured)
     if args.keep:
         print(f"study folders: {root}")
     else:
@@ -125,6 +137,62 @@ def run_one(space: str, every: int, folder: Path, wandb: str) -> None:
     print("TIMINGS " + json.dumps(spent))
     print("TIMELINE " + json.dumps(timeline))
     sys.exit(code)
+
+
+def measure_floor(study: dict[str, Any]) -> dict[str, float]:
+    """Ray's floor for ``study``'s shape, in a fresh process: whole command, fit, ideal (seconds)."""
+    seconds = study["ideal"] * study["concurrency"] / study["epochs"]  # the study's mean epoch
+    trials, epochs = study["trials"], study["epochs"] // study["trials"]
+    shape = [str(trials), str(epochs), str(study["concurrency"]), f"{seconds:.4f}"]
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, __file__, "--floor", *shape], cwd=REPO, capture_output=True, text=True)
+    whole = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"Ray's floor failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    fit = float(re.search(r"^FIT ([0-9.]+)$", done.stdout, re.MULTILINE).group(1))
+    return {"whole": whole, "fit": fit, "ideal": trials * epochs * seconds / study["concurrency"], "seconds": seconds}
+
+
+def run_floor(trials: int, epochs: int, concurrency: int, seconds: float) -> None:
+    """Bare Ray Tune in this process: ``trials`` x ``epochs`` sleeps of ``seconds``, reported."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # as a local study: no warning, loopback only
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # as tune_cifar.search: these two loggers only
+    import logging
+
+    import ray
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    def trainable(config: dict) -> None:
+        for epoch in range(1, epochs + 1):
+            time.sleep(seconds)
+            tune.report({"epoch": epoch})
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="ray-floor-") as storage:
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, {"cpu": 1}),
+            tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=concurrency, reuse_actors=True),
+            run_config=tune.RunConfig(
+                name="floor", storage_path=storage, callbacks=[JsonLoggerCallback(), CSVLoggerCallback()], verbose=0
+            ),
+        )
+        started = time.perf_counter()
+        tuner.fit()
+        print(f"FIT {time.perf_counter() - started:.3f}")
+    ray.shutdown()
+
+
+def print_floor(floor: dict[str, float], measured: list[dict[str, Any]]) -> None:
+    print(f"Ray's floor (bare Ray Tune, the same shape, epochs that sleep {floor['seconds']:.2f} s; fresh process):")
+    print(f"  whole command {floor['whole']:.1f} s = {floor['whole'] / floor['ideal']:.2f}x its ideal "
+          f"{floor['ideal']:.1f} s; Tuner.fit {floor['fit']:.1f} s = {floor['fit'] / floor['ideal']:.2f}x")  # fmt: skip
+    for m in measured:
+        print(f"  --checkpoint-every {m['every']}: the study's orchestration beyond Ray's floor: "
+              f"whole command {m['whole'] - m['ideal'] - (floor['whole'] - floor['ideal']):+.1f} s, "
+              f"Tuner.fit {m['fit'] - m['ideal'] - (floor['fit'] - floor['ideal']):+.1f} s")  # fmt: skip
 
 
 def _timed(method: Any, label: str, spent: dict[str, float]) -> Any:
@@ -182,6 +250,8 @@ def summarise(folder: Path, every: int, whole: float, stdout: str) -> dict[str, 
     return {
         "every": every,
         "epochs": len(epochs),
+        "trials": plan.num_samples,
+        "concurrency": concurrency,
         "budget": plan.num_samples * plan.max_epochs,
         "whole": whole,
         "fit": fit,
