@@ -14,7 +14,10 @@ prints side by side in one run, one Ray session:
   and ``all``; with each arm's ratio to ``bare``;
 * the CPU time Tune's loop thread spends per result (its own work and the callbacks', however
   many cores the rest leaves it: on a head node with free cores, 1000 / that is the loop's
-  ceiling, and the Parquet write's cost below the writer's);
+  ceiling, and the Parquet write's cost below the writer's), and of that the CPU time inside the
+  project's own ``on_trial_result`` handlers (Parquet, W&B, console, the searcher's), timed in
+  the loop thread: what the project adds to Tune's loop, apart from other threads and processes
+  slowing it down on shared cores;
 * for the arms that write Parquet: the lag from a report to its ``epochs`` row readable on disk
   (a process of its own polls the table as a reader would; median, 95th percentile, maximum);
 * the cost of one report's write (``TrialRecord.add`` + ``TableWriter.write``: the Parquet writer
@@ -124,6 +127,31 @@ def watch(folder: Path, done: Any, seen_out: Any) -> None:
     seen_out.put(list(seen.items()))
 
 
+IN_LOOP_CPU = [0.0]  # seconds of loop-thread CPU inside the project's on_trial_result handlers, this arm
+
+
+def time_project_handlers() -> None:
+    """Wrap the project's ``on_trial_result`` handlers (and Ray's searcher glue around the study's
+    searcher) so that the loop thread's CPU time inside them adds up in :data:`IN_LOOP_CPU`."""
+    from ray.tune.search.search_generator import SearchGenerator
+
+    from tune_cifar.console_callback import ConsoleCallback
+    from tune_cifar.parquet_callback import ParquetCallback
+    from tune_cifar.wandb_callback import WandbCallback
+
+    for owner in (ParquetCallback, WandbCallback, ConsoleCallback, SearchGenerator):
+        handler = owner.on_trial_result
+
+        def timed(*args: Any, _handler: Any = handler, **kwargs: Any) -> Any:
+            started = time.thread_time()
+            try:
+                return _handler(*args, **kwargs)
+            finally:
+                IN_LOOP_CPU[0] += time.thread_time() - started
+
+        owner.on_trial_result = timed
+
+
 class ResultClock(tune.Callback):
     """Notes when the driver handled each result (the rate it absorbs them at), and the CPU time
     Tune's loop thread had used by then (what the loop itself spends per result, however many
@@ -182,6 +210,7 @@ def run_arm(arm: str, args: Any, template_ref: Any, root: Path) -> dict[str, Any
         ),
         run_config=tune.RunConfig(name=arm, storage_path=str(root / "ray"), callbacks=callbacks, verbose=0),
     )
+    IN_LOOP_CPU[0] = 0.0
     tuner.fit()
     time.sleep(1.0)  # the watcher's last look
     watcher_done.set()
@@ -196,7 +225,15 @@ def run_arm(arm: str, args: Any, template_ref: Any, root: Path) -> dict[str, Any
         for epoch, sent in enumerate(json.loads(times_file.read_text()), start=1):
             if (trial_id, epoch) in seen:
                 lags.append(seen[(trial_id, epoch)] - sent)
-    return {"arm": arm, "results": len(handled), "rate": rate, "loop_ms": loop_ms, "lags": lags}
+    project_ms = 1000 * IN_LOOP_CPU[0] / max(1, len(handled))
+    return {
+        "arm": arm,
+        "results": len(handled),
+        "rate": rate,
+        "loop_ms": loop_ms,
+        "project_ms": project_ms,
+        "lags": lags,
+    }
 
 
 def report_cost(template: dict[str, Any], root: Path, repeats: int = 20) -> dict[int, float]:
@@ -267,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # default for a searcher of our own is one pending trial, which starts the trials one by one.
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(args.trials))
     template = real_report()
+    time_project_handlers()
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     template_ref = ray.put(template)
     results = []
@@ -282,14 +320,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     bare = next((r["rate"] for r in results if r["arm"] == "bare"), float("nan"))
     print(f"{args.trials} trials × {args.epochs} reports, each a real report (epoch row, 18 layer rows, summary)")
     columns = ("arm", "results/s absorbed", "× bare", "Tune's loop: CPU ms per result",
-               "report → row on disk: median / p95 / max (s)")  # fmt: skip
+               "… in the project's handlers", "report → row on disk: median / p95 / max (s)")  # fmt: skip
     print("| " + " | ".join(columns) + " |")
-    print("| --- | --- | --- | --- | --- |")
+    print("|" + " --- |" * len(columns))
     for r in results:
         lags = sorted(r["lags"])
         lag = (f"{statistics.median(lags):.2f} / {lags[int(0.95 * (len(lags) - 1))]:.2f} / {lags[-1]:.2f}"
                if lags else "–")  # fmt: skip
-        print(f"| {r['arm']} | {r['rate']:.0f} | {r['rate'] / bare:.2f} | {r['loop_ms']:.2f} | {lag} |")
+        print(f"| {r['arm']} | {r['rate']:.0f} | {r['rate'] / bare:.2f} | {r['loop_ms']:.2f} | "
+              f"{r['project_ms']:.2f} | {lag} |")  # fmt: skip
     print(f"one report's TrialRecord.add + TableWriter.write: {1000 * costs[1]:.1f} ms at epoch 1, "
           f"{1000 * costs[100]:.1f} ms at epoch 100 ({costs[100] / costs[1]:.2f}×)")  # fmt: skip
     per_report = shared / args.trials

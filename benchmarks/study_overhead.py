@@ -21,22 +21,31 @@ fresh process and folder, and prints for each, side by side:
   ``ray.shutdown``) in a fresh process: its whole command and ``Tuner.fit`` against its own ideal.
   What the study costs beyond that floor is the project's; the rest is Ray's.
 
-    python benchmarks/study_overhead.py [--space FILE] [--checkpoint-every 1 4] [--keep]
+``--joined``: Ray already running, as on a cluster (``ray up``, then the study with ``--address``):
+the benchmark starts a one-node Ray head on 127.0.0.1 first (``ray start --head --block``, not
+timed) and every study and the floor join it; "Ray start" and "Ray stop" are then joining and
+leaving it. Without it each study starts and stops a Ray of its own, as on a laptop.
+
+    python benchmarks/study_overhead.py [--space FILE] [--checkpoint-every 1 4] [--joined] [--keep]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,30 +73,35 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--wandb", choices=("offline", "disabled"), default="offline")
     parser.add_argument("--keep", action="store_true", help="keep the study folders")
+    parser.add_argument("--joined", action="store_true", help="join a Ray head started first, as on a cluster")
+    parser.add_argument("--address", help=argparse.SUPPRESS)  # internal: the head a study or the floor joins
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one study in this process
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--floor", nargs=4, type=float, help=argparse.SUPPRESS)  # internal: Ray's floor
     args = parser.parse_args()
     if args.one is not None:
-        run_one(args.space, args.one, Path(args.folder), args.wandb)
+        run_one(args.space, args.one, Path(args.folder), args.wandb, args.address)
         return
     if args.floor is not None:
         trials, epochs, concurrency, seconds = args.floor
-        run_floor(int(trials), int(epochs), int(concurrency), seconds)
+        run_floor(int(trials), int(epochs), int(concurrency), seconds, args.address)
         return
     root = Path(tempfile.mkdtemp(prefix="study-overhead-"))
-    measured = []
-    for every in args.checkpoint_every:
-        folder = root / f"every{every}"
-        command = [sys.executable, __file__, "--space", args.space, "--one", str(every), "--folder", str(folder)]
-        started = time.perf_counter()
-        done = subprocess.run([*command, "--wandb", args.wandb], cwd=REPO, capture_output=True, text=True)
-        whole = time.perf_counter() - started
-        if done.returncode != 0:
-            sys.exit(f"study with --checkpoint-every {every} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-        measured.append(summarise(folder / "bench", every, whole, done.stdout))
-    floor = measure_floor(measured[0])
+    with contextlib.ExitStack() as stack:
+        joining = ["--address", stack.enter_context(ray_head())] if args.joined else []
+        measured = []
+        for every in args.checkpoint_every:
+            folder = root / f"every{every}"
+            command = [sys.executable, __file__, "--space", args.space, "--one", str(every), "--folder", str(folder)]
+            started = time.perf_counter()
+            done = subprocess.run([*command, "--wandb", args.wandb, *joining], cwd=REPO, capture_output=True, text=True)
+            whole = time.perf_counter() - started
+            if done.returncode != 0:
+                sys.exit(f"study with --checkpoint-every {every} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+            measured.append(summarise(folder / "bench", every, whole, done.stdout))
+        floor = measure_floor(measured[0], joining)
     print_table(measured, args.space, args.wandb)
+    print(f"Ray: {'joined, started before the studies (as on a cluster)' if args.joined else 'started by each study'}")
     print_floor(floor, measured)
     if args.keep:
         print(f"study folders: {root}")
@@ -95,7 +109,35 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def run_one(space: str, every: int, folder: Path, wandb: str) -> None:
+@contextlib.contextmanager
+def ray_head() -> Iterator[str]:
+    """A one-node Ray head on 127.0.0.1 for the duration (its address), as ``ray up`` leaves one;
+    token auth with a token of its own in the environment, which the studies inherit."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(32).hex(), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address",
+               "127.0.0.1", f"--port={port}", "--include-dashboard=false", "--disable-usage-stats"]  # fmt: skip
+    head = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the GCS answers: the head is up
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.2)
+        time.sleep(3.0)  # the raylet registers after the GCS listens
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def run_one(space: str, every: int, folder: Path, wandb: str, address: str | None) -> None:
     """One study in this process, with the driver-side callbacks and the searcher timed."""
     from tune_cifar import search
 
@@ -133,19 +175,21 @@ def run_one(space: str, every: int, folder: Path, wandb: str) -> None:
     for name, label in (("connect", RAY_START), ("shutdown", RAY_STOP)):  # outside Tuner.fit, inside the command
         setattr(search.ray_session, name, _timed(getattr(search.ray_session, name), label, spent))
     argv = ["--space", space, "--name", "bench", "--storage-path", str(folder), "--wandb", wandb]
+    argv += ["--address", address] if address else []
     code = search.main([*argv, "--checkpoint-every", str(every)])
     print("TIMINGS " + json.dumps(spent))
     print("TIMELINE " + json.dumps(timeline))
     sys.exit(code)
 
 
-def measure_floor(study: dict[str, Any]) -> dict[str, float]:
+def measure_floor(study: dict[str, Any], joining: list[str]) -> dict[str, float]:
     """Ray's floor for ``study``'s shape, in a fresh process: whole command, fit, ideal (seconds)."""
     seconds = study["ideal"] * study["concurrency"] / study["epochs"]  # the study's mean epoch
     trials, epochs = study["trials"], study["epochs"] // study["trials"]
     shape = [str(trials), str(epochs), str(study["concurrency"]), f"{seconds:.4f}"]
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--floor", *shape], cwd=REPO, capture_output=True, text=True)
+    command = [sys.executable, __file__, "--floor", *shape, *joining]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     whole = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"Ray's floor failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -153,7 +197,7 @@ def measure_floor(study: dict[str, Any]) -> dict[str, float]:
     return {"whole": whole, "fit": fit, "ideal": trials * epochs * seconds / study["concurrency"], "seconds": seconds}
 
 
-def run_floor(trials: int, epochs: int, concurrency: int, seconds: float) -> None:
+def run_floor(trials: int, epochs: int, concurrency: int, seconds: float, address: str | None) -> None:
     """Bare Ray Tune in this process: ``trials`` x ``epochs`` sleeps of ``seconds``, reported."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # as a local study: no warning, loopback only
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -170,7 +214,10 @@ def run_floor(trials: int, epochs: int, concurrency: int, seconds: float) -> Non
             time.sleep(seconds)
             tune.report({"epoch": epoch})
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="ray-floor-") as storage:
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": 1}),
