@@ -16,8 +16,8 @@ prints side by side in one run, one Ray session:
   many cores the rest leaves it: on a head node with free cores, 1000 / that is the loop's
   ceiling, and the Parquet write's cost below the writer's), and of that the CPU time inside the
   project's own ``on_trial_result`` handlers (Parquet, W&B, console, the searcher's), timed in
-  the loop thread: what the project adds to Tune's loop, apart from other threads and processes
-  slowing it down on shared cores;
+  the loop thread: the CPU the project adds to Tune's loop, apart from other threads and
+  processes slowing it down on shared cores (a wait on the writer's lock is not CPU, not counted);
 * for the arms that write Parquet: the lag from a report to its ``epochs`` row readable on disk
   (a process of its own polls the table as a reader would; median, 95th percentile, maximum);
 * the cost of one report's write (``TrialRecord.add`` + ``TableWriter.write``: the Parquet writer

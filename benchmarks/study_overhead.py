@@ -19,7 +19,8 @@ fresh process and folder, and prints for each, side by side:
   same concurrency, actors reused as on one node, the study's two result loggers) whose epochs
   sleep the study's mean epoch seconds, started and stopped the plain way (``ray.init``,
   ``ray.shutdown``) in a fresh process: its whole command and ``Tuner.fit`` against its own ideal.
-  What the study costs beyond that floor is the project's; the rest is Ray's.
+  What the study costs beyond that floor is the project's; the rest is Ray's. (The floor gives
+  every trial the same epochs: with ASHA stopping trials early it is an approximation.)
 
 ``--joined``: Ray already running, as on a cluster (``ray up``, then the study with ``--address``):
 the benchmark starts a one-node Ray head on 127.0.0.1 first (``ray start --head --block``, not
@@ -123,9 +124,9 @@ def ray_head() -> Iterator[str]:
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # the GCS answers: the head is up
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
+        while not _answers(port):  # the GCS listens: the head is up
+            if time.monotonic() > deadline or head.poll() is not None:
+                sys.exit(f"the Ray head ({' '.join(command)}) did not start within 60 s")
             time.sleep(0.2)
         time.sleep(3.0)  # the raylet registers after the GCS listens
         yield address
@@ -135,6 +136,14 @@ def ray_head() -> Iterator[str]:
             head.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+
+
+def _answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def run_one(space: str, every: int, folder: Path, wandb: str, address: str | None) -> None:

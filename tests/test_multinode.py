@@ -137,25 +137,10 @@ def test_cluster_checks_on_a_local_one_node_cluster() -> None:
     when it is imported, which in this process happened at collection time.
     """
     temp_dir = tempfile.mkdtemp(prefix="tcray-local-", dir="/tmp")
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    # A token in the environment: ray.init's default token auth then leaves ~/.ray alone.
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_TOKEN=os.urandom(32).hex(), PYTHONPATH=str(REPO))
-    child = subprocess.Popen(
-        [sys.executable, "-c", LOCAL_CHECKS, temp_dir], cwd=REPO, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
     try:
-        out, err = child.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        out, err = child.communicate()
+        result = _run_ray_child(LOCAL_CHECKS, temp_dir, marker=temp_dir)  # ray.shutdown() should stop them all
     finally:
-        survivors = _still_running(_processes_of(child.pid, temp_dir))  # ray.shutdown() should stop them all
-        _kill(survivors)
         shutil.rmtree(temp_dir, ignore_errors=True)
-    assert child.returncode == 0, err[-4000:]
-    assert not survivors, f"ray.shutdown() left processes {[proc.pid for proc in survivors]}"
-    result = json.loads(out.strip().splitlines()[-1])
     assert result["heads"] == [True] and result["cpus"] == 1
     # found this cluster's monitor by its GCS port and saw it was started without an autoscaling config
     assert result["source"] == "monitor without autoscaling config"
@@ -168,24 +153,50 @@ def test_cluster_checks_on_a_local_one_node_cluster() -> None:
 
 
 LOCAL_STOP = """\
+import json, os
+import psutil
 from tune_cifar import ray_session
 
 ray_session.prepare_environment(None)
 ray_session.connect(None)
-print(len(ray_session._python_services))
+import ray
+
+services = list(ray_session._python_services)
+scripts = sorted(os.path.basename(next(a for a in p.cmdline() if a.endswith(".py"))) for p in services)
+alive_at_ray_shutdown = []
+ray_shutdown = ray.shutdown
+
+
+def shutdown(*args, **kwargs):
+    alive_at_ray_shutdown.extend(p.pid for p in services if p.is_running() and p.status() != psutil.STATUS_ZOMBIE)
+    return ray_shutdown(*args, **kwargs)
+
+
+ray.shutdown = shutdown
 ray_session.shutdown()
+print(json.dumps({"scripts": scripts, "alive": alive_at_ray_shutdown}))
 """
 
 
 def test_a_local_rays_stop_kills_its_python_services_first_and_leaves_nothing_running() -> None:
     """The driver's local Ray as a study starts it (services with SIGTERM blocked), stopped by
-    ``ray_session.shutdown``, in a child process in a session of its own: it found Ray's Python
-    services (killed before ``ray.shutdown()``, which would wait a second for each) and, after it,
-    no process of that session is left."""
+    ``ray_session.shutdown``, in a child process in a session of its own: it found Ray's three
+    Python services and they were gone before ``ray.shutdown()`` began (which would wait a second
+    for each to take the SIGTERM they have blocked); after it, no process of that session is left."""
+    result = _run_ray_child(LOCAL_STOP)
+    assert result["scripts"] == ["dashboard.py", "log_monitor.py", "monitor.py"]  # Ray 2.60's, pinned
+    assert result["alive"] == [], "a Python service was still running when ray.shutdown() began"
+
+
+def _run_ray_child(script: str, *argv: str, marker: str = "\0") -> dict[str, Any]:
+    """Run ``script`` (which starts and stops a local Ray, printing JSON last) in a child process in
+    a session of its own, loopback only, with a token of its own (ray.init's default token auth
+    then leaves ~/.ray alone); its JSON, after checking it exited 0 and left no process of its
+    session (or naming ``marker``) running."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    env.update(RAY_AUTH_TOKEN=os.urandom(32).hex(), PYTHONPATH=str(REPO))
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_TOKEN=os.urandom(32).hex(), PYTHONPATH=str(REPO))
     child = subprocess.Popen(
-        [sys.executable, "-c", LOCAL_STOP], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        [sys.executable, "-c", script, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
@@ -194,11 +205,11 @@ def test_a_local_rays_stop_kills_its_python_services_first_and_leaves_nothing_ru
         os.killpg(child.pid, signal.SIGKILL)
         out, err = child.communicate()
     finally:
-        survivors = _still_running(_processes_of(child.pid, "\0"))
+        survivors = _still_running(_processes_of(child.pid, marker))
         _kill(survivors)
     assert child.returncode == 0, err[-4000:]
-    assert int(out.strip().splitlines()[-1]) >= 1, "no Python service of Ray's found: the fast stop does nothing"
     assert not survivors, f"the stop left processes {[proc.pid for proc in survivors]}"
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _processes_of(session: int, text: str) -> list[Any]:

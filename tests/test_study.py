@@ -359,7 +359,7 @@ def test_a_damaged_part_file_is_named_then_rebuilt_on_resume(smoke: Study, tmp_p
                           env=study_env(ray_tmp), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "damaged; set aside" in done.stdout and "rebuilt from Ray's results" in done.stdout
-    assert "1 trials whose rows fell short of Ray's results" in done.stdout
+    assert "rows behind Ray's saved state (a driver stopped before its last writes): 1 trials rebuilt" in done.stdout
     for name in ("trials", "epochs", "layers"):
         rebuilt = pd.read_parquet(folder / name).sort_values(list(pd.read_parquet(folder / name).columns[:2]))
         original = smoke.table(name).sort_values(list(rebuilt.columns[:2]))
@@ -390,10 +390,8 @@ def test_existing_study_is_not_overwritten(smoke: Study, ray_tmp: Path) -> None:
     assert before == {path: path.stat().st_mtime_ns for path in smoke.folder.rglob("*.parquet")}
 
 
-def test_a_killed_study_resumes_with_each_trial_once_and_a_damaged_round_rebuilt(tmp_path: Path, ray_tmp: Path) -> None:
-    root = tmp_path / "studies"
-    env = study_env(ray_tmp)
-    args = ("--name", "resumed", "--storage-path", str(root), "--wandb", "disabled")
+def _kill_a_smoke_study(root: Path, env: dict[str, str], args: tuple[str, ...]) -> Path:
+    """Start the smoke study, SIGKILL its driver once two trials finished; its folder."""
     driver = subprocess.Popen(
         search_cmd("--space", "smoke", *args), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -414,6 +412,14 @@ def test_a_killed_study_resumes_with_each_trial_once_and_a_damaged_round_rebuilt
     assert 2 <= finished < SMOKE_TRIALS
     killed = pd.read_parquet(folder / "epochs")  # what a killed driver leaves reads whole, each row once
     assert not killed.duplicated(["trial_id", "epoch"]).any() and len(killed) > 0
+    return folder
+
+
+def test_a_killed_study_resumes_with_each_trial_once_and_a_damaged_round_rebuilt(tmp_path: Path, ray_tmp: Path) -> None:
+    root = tmp_path / "studies"
+    env = study_env(ray_tmp)
+    args = ("--name", "resumed", "--storage-path", str(root), "--wandb", "disabled")
+    folder = _kill_a_smoke_study(root, env, args)
     # and then a round file is damaged: it held rows of trials it cannot name, so every trial is rebuilt
     latest = sorted((folder / "epochs").glob("round-*.parquet"))[-1]
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
@@ -421,7 +427,38 @@ def test_a_killed_study_resumes_with_each_trial_once_and_a_damaged_round_rebuilt
     done = subprocess.run(search_cmd("--resume", *args), cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert f"{latest}: damaged; set aside" in done.stdout and "trials rebuilt from Ray's results" in done.stdout
+    _assert_resumed_whole(folder)
 
+
+def test_a_killed_study_whose_last_round_never_reached_the_disk_resumes_whole(tmp_path: Path, ray_tmp: Path) -> None:
+    """The writer's last round lost with the driver (killed inside its pacing): rows of an epoch
+    Ray's saved state holds, which Ray will not replay. Here every round file holding the last
+    saved epoch of some trial is deleted (whole files, as if never renamed into place); the
+    resume rebuilds the trials that fell behind from Ray's results."""
+    from ray.tune import ExperimentAnalysis
+
+    root = tmp_path / "studies"
+    env = study_env(ray_tmp)
+    args = ("--name", "resumed", "--storage-path", str(root), "--wandb", "disabled")
+    folder = _kill_a_smoke_study(root, env, args)
+    saved = {t.trial_id: int(t.last_result.get("epoch") or 0) for t in ExperimentAnalysis(str(folder)).trials}
+    deleted = 0
+    for name in ("epochs", "layers"):
+        for part in (folder / name).glob("round-*.parquet"):
+            rows = pd.read_parquet(part, columns=["trial_id", "epoch"])
+            if any(saved.get(t) == e for t, e in rows.itertuples(index=False)):
+                part.unlink()
+                deleted += 1
+    assert deleted >= 1, "no round file held an epoch of Ray's saved state"
+
+    done = subprocess.run(search_cmd("--resume", *args), cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "rows behind Ray's saved state" in done.stdout
+    _assert_resumed_whole(folder)
+
+
+def _assert_resumed_whole(folder: Path) -> None:
+    """A resumed smoke study: every trial once, every epoch once, tables merged, Optuna closed."""
     from ray.tune import ExperimentAnalysis
 
     ray_trials = ExperimentAnalysis(str(folder)).trials
@@ -433,8 +470,13 @@ def test_a_killed_study_resumes_with_each_trial_once_and_a_damaged_round_rebuilt
     assert set(trials["trial_id"]) == {t.trial_id for t in ray_trials} == set(epochs["trial_id"])
     assert set(trials["status"]) <= {"TERMINATED", "STOPPED"}
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    last_epoch = {t.trial_id: int(t.last_result["epoch"]) for t in ray_trials}
+    epochs_run = dict(zip(trials["trial_id"], trials["epochs_run"], strict=True))
+    layer_epochs = pd.read_parquet(folder / "layers", columns=["trial_id", "epoch"]).drop_duplicates()
     for trial_id, group in epochs.groupby("trial_id"):
-        assert sorted(group["epoch"]) == list(range(1, len(group) + 1)), trial_id
+        every = list(range(1, last_epoch[trial_id] + 1))  # none missing, the last one included
+        assert sorted(group["epoch"]) == every and epochs_run[trial_id] == len(every), trial_id
+        assert sorted(layer_epochs[layer_epochs.trial_id == trial_id]["epoch"]) == every, trial_id
     for name in (
         "trials",
         "epochs",

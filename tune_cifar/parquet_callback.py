@@ -24,10 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+import pyarrow as pa
+from pyarrow.dataset import dataset
 from ray import tune
 
 from tune_cifar import tables
+from tune_cifar.errors import UsageError
 from tune_cifar.helper_process import HelperProcess
 from tune_cifar.outcome import Outcome
 from tune_cifar.ray_trial import error_line, hyperparameter_row, outcome
@@ -227,34 +229,48 @@ class ParquetCallback(tune.Callback):
 
 
 def repair_tables(study: StudyContext) -> list[str]:
-    """Before a resume: make the tables hold what Ray's saved results (``trial_*/result.json``) say
-    was reported, by replaying a trial's results through :class:`ParquetCallback`, the same code
-    that wrote them. Two cases: a damaged file is set aside (``STUDY/damaged/``) and its trials
-    rebuilt (a damaged round or live file held rows of trials it cannot name: every trial); and a
-    trial whose rows on disk fall short of its results (a driver killed before its writer's last
-    round: epochs Ray will not replay, or a finished trial still RUNNING) is rebuilt. Returns one
-    line per damaged file and one for the trials that fell short, saying what was done."""
+    """Before a resume: make the tables hold what Ray's saved state says was reported, by replaying
+    a trial's saved results (``trial_*/result.json``) through :class:`ParquetCallback`, the same
+    code that wrote them. Two cases: a damaged file is set aside (``STUDY/damaged/``) and its trials
+    rebuilt (a damaged round or live file held rows of trials it cannot name: every trial); and,
+    when the last driver left round files unmerged (killed, or stopped by a failed write), a trial
+    whose rows fall short of Ray's state is rebuilt: its last epoch Ray knows missing from a table
+    that epoch has rows in (the writer's last round never reached the disk, and Ray will not replay
+    that epoch), or Ray finished it while its row says RUNNING. A driver that merged its rounds
+    flushed every row first, so then nothing is read. Returns one line per damaged file and one
+    for the trials that fell short, saying what was done."""
     folder = study.folder
+    damaged = tables.damaged_parts(folder.path)
+    if not damaged and not any(folder.rounds(name) for name in tables.PER_EPOCH_KEYS):
+        return []
     from ray.tune import ExperimentAnalysis
 
-    ray_trials = ExperimentAnalysis(str(folder.path)).trials  # loaded first: nothing moves if this fails
-    damaged = tables.damaged_parts(folder.path)
-    aside = folder.damaged
+    try:
+        ray_trials = ExperimentAnalysis(str(folder.path)).trials
+    except Exception as exc:  # Ray's saved state cut short (a full disk): Ray's restore decides what it takes
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if damaged:
+            raise UsageError(f"{damaged[0]}: damaged, and Ray's saved state cannot be read to rebuild it ({why}); "
+                             "move the damaged file away to resume without its rows") from None  # fmt: skip
+        return [f"tables not checked against Ray's saved state: it cannot be read ({why})"]
     own = [part for part in damaged if part.name.startswith("part-")]
     everyone = len(own) < len(damaged)
     lost = {part_trial(part) for part in own}
+    behind = set() if everyone else _behind(folder, ray_trials, damaged) - lost
+    rebuilding = [t for t in ray_trials if everyone or t.trial_id in lost or t.trial_id in behind]
+    # every trial's results read before anything moves: a failure here leaves the folder as it was
+    results = {t.trial_id: _saved_results(folder.trial_dir(t.trial_id) / "result.json") for t in rebuilding}
+    aside = folder.damaged
     for part in damaged:
         (aside / part.parent.name).mkdir(parents=True, exist_ok=True)
         part.replace(aside / part.parent.name / part.name)
-    results = {trial.trial_id: _saved_results(folder.trial_dir(trial.trial_id) / "result.json") for trial in ray_trials}
-    behind = set() if everyone else _behind(folder, ray_trials, results) - lost
     writer = ParquetCallback(study)
     rebuilt = set()
-    for trial in ray_trials:
-        if not (everyone or trial.trial_id in lost or trial.trial_id in behind) or results[trial.trial_id] is None:
+    for trial in rebuilding:
+        if results[trial.trial_id] is None:
             continue
         writer.forget_epochs(trial)  # every table of the trial is rewritten from the replay
-        for result in results[trial.trial_id]:
+        for result in results.pop(trial.trial_id):
             writer.on_trial_result(0, [], trial, result)
         if trial.status == "TERMINATED":
             writer.on_trial_complete(0, [], trial)
@@ -270,43 +286,53 @@ def repair_tables(study: StudyContext) -> list[str]:
 
     lines = [f"{part}: damaged; set aside in {aside} and {done(part)}" for part in damaged]
     if behind:
-        lines.append(f"{len(behind & rebuilt)} trials whose rows fell short of Ray's results (a driver stopped "
-                     "before its last writes): rebuilt from Ray's results")  # fmt: skip
+        lines.append(f"rows behind Ray's saved state (a driver stopped before its last writes): {len(behind)} "
+                     "trials rebuilt from Ray's results")  # fmt: skip
     return lines
 
 
 def _saved_results(path: Path) -> list[dict[str, Any]] | None:
-    """A trial's results as Ray's JSON logger saved them, in order (None: no file)."""
+    """A trial's results as Ray's JSON logger saved them, in order (None: no file). A line cut
+    short (the driver killed while Ray wrote it) ends them, with a warning."""
     if not path.is_file():
         return None
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    results = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            results.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("%s: line %d is not whole JSON; replaying the %d results before it", path, number,
+                           len(results))  # fmt: skip
+            break
+    return results
 
 
-def _behind(folder: StudyFolder, ray_trials: list[Any], results: dict[str, list[dict[str, Any]] | None]) -> set[str]:
-    """Trials whose rows on disk miss a (table, epoch) their saved results hold, or that Ray
-    finished while their ``trials`` row says RUNNING (or they have none)."""
-    on_disk: dict[str, set[tuple[str, int]]] = {}
+def _behind(folder: StudyFolder, ray_trials: list[Any], damaged: list[Path]) -> set[str]:
+    """Trials whose last epoch in Ray's saved state (``trial.last_result``) is missing from a table
+    it has rows in, or that Ray finished while their ``trials`` row says RUNNING (or they have
+    none). Rounds are written in order, so an epoch on disk means the ones before it are too."""
+
+    def read(name: str, columns: list[str]) -> pa.Table:  # the table's whole files only
+        whole = [str(path) for path in folder.files(name) if path not in damaged]
+        return dataset(whole, schema=tables.SCHEMAS[name], format="parquet").to_table(columns=columns)
+
+    latest: dict[str, dict[str, int]] = {}  # table -> trial id -> its last epoch on disk
     for name in tables.PER_EPOCH_KEYS:
-        if folder.files(name):
-            rows = pd.read_parquet(folder.table(name), columns=["trial_id", "epoch"], schema=tables.SCHEMAS[name])
-            rows = rows.drop_duplicates()
-            for trial_id, epoch in rows.itertuples(index=False):
-                on_disk.setdefault(trial_id, set()).add((name, int(epoch)))
-    status = {}
-    if folder.files("trials"):
-        rows = pd.read_parquet(folder.table("trials"), columns=["trial_id", "status"], schema=tables.SCHEMAS["trials"])
-        status = dict(rows.itertuples(index=False))
+        last = read(name, ["trial_id", "epoch"]).group_by("trial_id").aggregate([("epoch", "max")]).to_pydict()
+        latest[name] = dict(zip(last["trial_id"], last["epoch_max"], strict=True))
+    rows = read("trials", ["trial_id", "status"]).to_pydict()
+    status = dict(zip(rows["trial_id"], rows["status"], strict=True))
     behind = set()
     for trial in ray_trials:
-        saved = results[trial.trial_id] or []
-        expected = set()
-        for result in saved:
-            report = EpochReport.from_result(result)
-            epoch = int(report.epoch.get("epoch") or 0)
-            for name, rows in (("epochs", [report.epoch]), ("layers", report.layers), ("steps", report.steps)):
-                if rows and epoch > 0:
-                    expected.add((name, epoch))
+        report = EpochReport.from_result(trial.last_result or {})
+        epoch = int(report.epoch.get("epoch") or 0)
+        if epoch < 1:
+            continue  # never reported: nothing of it to lose
+        shown = {"epochs": [report.epoch], "layers": report.layers, "steps": report.steps}
+        missing = any(rows and latest[name].get(trial.trial_id, 0) < epoch for name, rows in shown.items())
         finished = trial.status in ("TERMINATED", "ERROR") and status.get(trial.trial_id) in (None, "RUNNING")
-        if saved and (finished or not expected <= on_disk.get(trial.trial_id, set())):
+        if missing or finished:
             behind.add(trial.trial_id)
     return behind

@@ -16,7 +16,7 @@ import psutil
 from tune_cifar.errors import UsageError
 
 # The Python services (autoscaler monitor, dashboard, log monitor) the local Ray of this process
-# started: see :func:`shutdown`.
+# started: see :func:`shutdown`. Empty when the driver joined a cluster.
 _python_services: list[psutil.Process] = []
 
 
@@ -94,6 +94,7 @@ def connect(address: str | None) -> None:
 
     driver = psutil.Process()
     children_before = {child.pid for child in driver.children()}
+    _python_services.clear()
 
     held: list[int] = []
     previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum))
@@ -102,8 +103,9 @@ def connect(address: str | None) -> None:
     try:
         if address is None:
             ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+            ray_scripts = os.path.dirname(ray.__file__) + os.sep
             _python_services[:] = [child for child in driver.children()
-                                   if child.pid not in children_before and _runs_python(child)]  # fmt: skip
+                                   if child.pid not in children_before and _runs(child, ray_scripts)]  # fmt: skip
         else:
             _join(address)
     finally:
@@ -158,9 +160,11 @@ def allow_pending_trials(max_concurrent: int | None, placement: Placement) -> No
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(pending))
 
 
-def _runs_python(process: psutil.Process) -> bool:
+def _runs(process: psutil.Process, ray_scripts: str) -> bool:
+    """Whether ``process`` runs a Python program of Ray's own package (not a binary: the GCS and
+    the raylet are binaries there too)."""
     try:
-        return process.exe() == os.path.realpath(sys.executable)
+        return any(arg.startswith(ray_scripts) and arg.endswith(".py") for arg in process.cmdline())
     except psutil.Error:
         return False
 
@@ -179,8 +183,10 @@ def shutdown() -> None:
     if ray is None:
         return
     for service in _python_services:
-        with contextlib.suppress(psutil.Error):
+        with contextlib.suppress(psutil.Error):  # psutil checks it is still that process (pid and start time)
             service.kill()
+    # Reaping them here is fine for Ray: its Popen then reads their exit as 0, and ray.shutdown()
+    # does not require its services to be alive (check_alive=False).
     psutil.wait_procs(_python_services, timeout=1)
     _python_services.clear()
     ray.shutdown()
