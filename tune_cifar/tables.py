@@ -25,6 +25,7 @@ from typing import IO, Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tune_cifar import config as cfg
@@ -388,27 +389,32 @@ class TableWriter:
         """Merge the round files into one file per trial and table and give every live row its
         trial's own file: what a finished run or study holds. Trials not in ``known`` (lost with
         an earlier driver) are left out: their rows go with the round files. Returns the trials
-        whose epochs were merged."""
+        whose epochs were merged. The rows stay Arrow columns throughout (a long study's rounds
+        hold millions of ``steps`` rows)."""
         self.write()
         folder = StudyFolder(self.root)
-        kept = (lambda trial_id: True) if known is None else known.__contains__
-        new_rows: dict[str, dict[str, dict[tuple[Any, ...], dict[str, Any]]]] = {}
+        new_rows: dict[str, dict[str, pa.Table]] = {}  # table -> trial id -> its rows from the rounds
         for name in PER_EPOCH_KEYS:
-            for path in folder.rounds(name):  # in round order: a later copy of a row wins
-                for row in pq.read_table(path).to_pylist():
-                    new_rows.setdefault(row["trial_id"], {}).setdefault(name, {})[row_key(name, row)] = row
-        merged = sorted(trial_id for trial_id in new_rows.keys() | self.records.keys() if kept(trial_id))
+            rounds = [pq.read_table(path, schema=SCHEMAS[name]) for path in folder.rounds(name)]  # in round order
+            if rounds and known is not None:
+                known_ids = pa.array(sorted(known), pa.string())
+                rounds = [table.filter(pc.is_in(table["trial_id"], value_set=known_ids)) for table in rounds]
+            new_rows[name] = _by_trial(latest_rows(name, rounds)) if rounds else {}
+        kept = (lambda trial_id: True) if known is None else known.__contains__
+        merged = sorted({t for rows in new_rows.values() for t in rows} | {t for t in self.records if kept(t)})
         for trial_id in merged:
             record = self.record(trial_id)
             for name in PER_EPOCH_KEYS:
-                rows = new_rows.get(trial_id, {}).get(name, {})
+                rows = new_rows[name].get(trial_id)
                 path = folder.part(name, trial_id)
-                if not rows and path.exists():
+                if rows is None and path.exists():
                     continue
                 if path.exists():
-                    rows = {**_keyed(name, pq.read_table(path).to_pylist()), **rows}
-                if rows or name != "steps":  # a finished trial has epochs and layers files even without a report
-                    write_atomic(to_arrow(name, [rows[key] for key in sorted(rows)]), path)
+                    rows = latest_rows(name, [pq.read_table(path, schema=SCHEMAS[name]), rows])
+                if rows is None and name != "steps":  # a finished trial has epochs and layers files, reported or not
+                    rows = SCHEMAS[name].empty_table()
+                if rows is not None:
+                    write_atomic(rows, path)
             record.merged |= set(record.rounds)
             record.rounds = {}
             if record.row_in == LIVE:
@@ -419,6 +425,26 @@ class TableWriter:
                 path.unlink()
         folder.live_trials().unlink(missing_ok=True)
         return merged
+
+
+def latest_rows(name: str, tables: list[pa.Table]) -> pa.Table:
+    """The rows of ``tables`` (a per-epoch table's, oldest first), each key once: a later copy of a
+    row replaces an earlier one (a retried or resumed epoch); sorted by trial and key."""
+    keys = ["trial_id", *PER_EPOCH_KEYS[name]]
+    table = pa.concat_tables(tables)
+    numbered = table.append_column("_order", pa.array(range(table.num_rows), pa.int64()))
+    last = numbered.group_by(keys, use_threads=False).aggregate([("_order", "max")])
+    newest = table.filter(pc.is_in(numbered["_order"], value_set=last["_order_max"]))
+    return newest.sort_by([(key, "ascending") for key in keys])
+
+
+def _by_trial(table: pa.Table) -> dict[str, pa.Table]:
+    """A table sorted by trial, cut into each trial's rows."""
+    parts, offset = {}, 0
+    for item in pc.value_counts(table["trial_id"]).to_pylist():  # in order of appearance: sorted
+        parts[item["values"]] = table.slice(offset, item["counts"])
+        offset += item["counts"]
+    return parts
 
 
 def round_number(path: Path) -> int:
