@@ -457,23 +457,18 @@ def row_key(name: str, row: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(row[key] for key in PER_EPOCH_KEYS[name])
 
 
-def _keyed(name: str, rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, Any]]:
-    return {row_key(name, row): row for row in rows}
-
-
 def trial_rows(root: Path, name: str, trial_id: str) -> list[dict[str, Any]]:
     """One trial's rows of a per-epoch table as they are on disk, each key once (a round file's
-    copy wins over the merged file's, a later round's over an earlier's), in key order. Reads
-    every round file: for a resumed trial, not on every report."""
+    copy wins over the merged file's, a later round's over an earlier's: :func:`latest_rows`), in
+    key order. Reads every round file: for a resumed trial, not on every report."""
     folder = StudyFolder(root)
-    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+    found = []
     for path in [folder.part(name, trial_id), *folder.rounds(name)]:
         try:
-            table = pq.read_table(path, filters=[("trial_id", "==", trial_id)])
+            found.append(pq.read_table(path, schema=SCHEMAS[name], filters=[("trial_id", "==", trial_id)]))
         except FileNotFoundError:  # never written, or merged since it was listed
             continue
-        rows |= _keyed(name, table.to_pylist())
-    return [rows[key] for key in sorted(rows)]
+    return latest_rows(name, found).to_pylist() if found else []
 
 
 def apply(root: Path, writes: list[Write]) -> None:
